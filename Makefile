@@ -1,0 +1,39 @@
+# `make train` and `make test` do all set-up on a fresh machine with Python >= 3.10.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+
+.PHONY: train test test-all bench-overhead bench-grokfast clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Re-installs only when the requirement files change.
+$(VENV)/.installed: requirements.txt | $(BIN)/python
+	$(BIN)/python -m pip install -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.installed
+	$(BIN)/python -m pip install -r requirements-dev.txt
+	touch $@
+
+train: $(VENV)/.installed
+	$(BIN)/python train.py $(ARGS)
+
+# The fast default suite (< 15 min on 2 cores). `make test-all` adds the long runs.
+test: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest $(ARGS)
+
+test-all: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -m "" $(ARGS)
+
+bench-overhead: $(VENV)/.installed
+	$(BIN)/python -m bench.overhead $(ARGS)
+
+bench-grokfast: $(VENV)/.installed
+	$(BIN)/python -m bench.grokfast $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,119 @@
+"""Small decoder-only (causal) pre-LayerNorm transformer, as used for algorithmic data in Grokfast."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        # [B, T, 3C] -> 3 x [B, heads, T, head_dim]
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        y = y.transpose(1, 2).reshape(b, t, c)
+        return self.resid_dropout(self.proj(y))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, num_heads, dropout)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width),
+            nn.GELU(),
+            nn.Linear(4 * width, width),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class DecoderTransformer(nn.Module):
+    """Causal transformer that classifies the token sequence from its last position.
+
+    ``forward(batch)`` reads ``batch["inputs"]`` (Long[B, T], T <= seq_len) and returns
+    ``{"logits": Float[B, num_classes]}`` taken at the last position (the answer follows "=").
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        num_classes: int | None = None,
+        width: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        dropout: float = 0.0,
+        init_std: float | None = 0.02,
+    ) -> None:
+        super().__init__()
+        for name, value in {"vocab_size": vocab_size, "seq_len": seq_len, "width": width,
+                            "num_layers": num_layers, "num_heads": num_heads}.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if width % num_heads != 0:
+            raise ValueError(
+                f"width ({width}) must be divisible by num_heads ({num_heads}); "
+                f"e.g. width={num_heads * max(1, width // num_heads)} or num_heads=1"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.num_classes = vocab_size if num_classes is None else num_classes
+
+        self.tok_emb = nn.Embedding(vocab_size, width)
+        self.pos_emb = nn.Embedding(seq_len, width)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, num_heads, dropout) for _ in range(num_layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, self.num_classes)
+        if init_std is not None:
+            self._init_weights(num_layers, init_std)
+
+    def _init_weights(self, num_layers: int, std: float) -> None:
+        # GPT-2 style; draws only from the global RNG, so torch.manual_seed makes it reproducible.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        # Scale residual-branch outputs so the residual stream's variance doesn't grow with depth.
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp[2]):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / (2 * num_layers) ** 0.5)
+
+    def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Final (post-LayerNorm) hidden states for every position: Float[B, T, width]."""
+        if inputs.ndim != 2:
+            raise ValueError(f"inputs must be [batch, seq] token ids, got shape {list(inputs.shape)}")
+        t = inputs.shape[1]
+        if not 1 <= t <= self.seq_len:
+            raise ValueError(f"sequence length {t} must be in 1..seq_len={self.seq_len}")
+        positions = torch.arange(t, device=inputs.device)
+        x = self.drop(self.tok_emb(inputs) + self.pos_emb(positions))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, batch: dict[str, torch.Tensor], carry: object = None) -> dict[str, torch.Tensor]:
+        # No carried state: carry is accepted for interface compatibility and ignored.
+        h = self.hidden_states(batch["inputs"])
+        return {"logits": self.head(h[:, -1])}

@@ -1,0 +1,388 @@
+"""utils/checkpoint.py against real files: round trips, pruning, corruption, unsafe pickles, SIGKILL mid-save."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from utils.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    assert_finite_state,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_checkpoint,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOGGER = "utils.checkpoint"
+MARKER_VALUE = 1234.5  # a float we can find inside the tensor payload of a saved file
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Recursive equality that also checks container types (tuple stays tuple, deque stays deque)."""
+    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, Mapping):
+        assert isinstance(b, Mapping) and list(a) == list(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple, collections.deque)):
+        assert len(a) == len(b), where
+        if isinstance(a, collections.deque):
+            assert a.maxlen == b.maxlen, where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def small_state(step: int) -> dict:
+    return {"step": step, "w": torch.full((256,), MARKER_VALUE), "meta": {"lr": 0.1, "tags": ["a", "b"]}}
+
+
+def flip_bit_in_payload(path: Path) -> None:
+    """Flip one mantissa bit of a float inside tensor data, in place (the zip structure stays valid)."""
+    data = bytearray(path.read_bytes())
+    idx = data.find(struct.pack("<f", MARKER_VALUE) * 8)
+    assert idx > 0, "tensor payload not found"
+    data[idx + 100] ^= 0x01
+    with open(path, "r+b") as f:
+        f.write(data)
+
+
+def warnings_about(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and name in r.getMessage()]
+
+
+# ------------------------------------------------------------------------------------------------ round trip
+def make_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+
+def test_round_trip_of_realistic_training_state(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.99))
+    scaler = torch.amp.GradScaler("cpu")
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 8)).square().mean().backward()
+        opt.step()
+        sched.step()
+        ema.update_parameters(model)
+
+    state = {
+        "model": model.state_dict(),
+        "optimizers": {"main": opt.state_dict()},
+        "schedulers": {"main": sched.state_dict()},
+        "ema": ema.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy_as_list": [1, 2, 3]},
+        "trainer": {"step": 3, "best_metric": None, "history": [{"step": 1, "loss": 0.5}], "ok": True},
+        "nested": {"a": [1, 2.5, "x", None, (1, (2.0, "y"))], "b": {"c": torch.arange(5)}},
+        "recent_losses": list(collections.deque([0.3, 0.2], maxlen=5)),
+        "misc": {"dtype": torch.bfloat16, "device": torch.device("cpu"), "seen": {1, 2}, "blob": b"\x00"},
+        "ordered": collections.OrderedDict(z=1, a=2),
+        "float": 0.25,
+    }
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(state, step=3)
+    assert path == tmp_path / "step_00000003.pt"
+
+    loaded, loaded_from = manager.load_latest()
+    assert loaded_from == tmp_path / "latest.pt"
+    assert_same(state, loaded)
+
+    # And it really restores: fresh objects accept every piece.
+    model2 = make_model()
+    model2.load_state_dict(loaded["model"])
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    opt2.load_state_dict(loaded["optimizers"]["main"])
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: min(1.0, (s + 1) / 10))
+    sched2.load_state_dict(loaded["schedulers"]["main"])
+    assert sched2.get_last_lr() == sched.get_last_lr()
+    ema2 = torch.optim.swa_utils.AveragedModel(model2)
+    ema2.load_state_dict(loaded["ema"])
+    torch.amp.GradScaler("cpu").load_state_dict(loaded["scaler"])
+    random.setstate(loaded["rng"]["python"])
+    torch.set_rng_state(loaded["rng"]["torch"])
+
+    named = manager.save_named("ema_model.pt", {"model": ema.module.state_dict(), "step": 3})
+    assert_same(load_checkpoint(named, require_digest=True), {"model": ema.module.state_dict(), "step": 3})
+    assert manager.checkpoints() == [path]  # named files are not step files
+
+
+def test_state_the_safe_loader_would_refuse_is_rejected_at_save(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    bad = {"model": {"w": torch.ones(2)}, "history": collections.deque([1.0]), "rng": {"np": [CustomObject()]}}
+    with pytest.raises(CheckpointError) as err:
+        manager.save(bad, 1)
+    assert "state['history'] (collections.deque)" in str(err.value)
+    assert "state['rng']['np'][0]" in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_atomic_writes_replace_and_clean_up(tmp_path: Path) -> None:
+    target = tmp_path / "notes.txt"
+    atomic_write_text(target, "one")
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+
+    ckpt = tmp_path / "best.pt"
+    atomic_torch_save({"v": torch.ones(3)}, ckpt)
+    before = ckpt.read_bytes()
+    with pytest.raises(CheckpointError):
+        atomic_torch_save({"f": lambda: 0}, ckpt)  # refused before anything is written
+    with pytest.raises(TypeError):
+        atomic_write_bytes(ckpt, "not bytes")  # type: ignore[arg-type]  # fails after the temp file exists
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pt.sha256", "notes.txt"]
+
+
+# --------------------------------------------------------------------------------------------------- pruning
+def test_keep_last_prunes_and_latest_tracks_newest(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "run", keep_last=2)
+    assert manager.load_latest() is None  # directory does not even exist yet
+    assert not CheckpointManager.has_checkpoint(tmp_path / "run")
+    for step in range(1, 6):
+        manager.save(small_state(step), step)
+        state, _ = manager.load_latest()
+        assert state["step"] == step
+    assert [p.name for p in manager.checkpoints()] == ["step_00000004.pt", "step_00000005.pt"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "latest.pt",
+        "latest.pt.sha256",
+        "step_00000004.pt",
+        "step_00000004.pt.sha256",
+        "step_00000005.pt",
+        "step_00000005.pt.sha256",
+    ]
+    assert CheckpointManager.has_checkpoint(tmp_path / "run")
+
+
+def test_prune_never_deletes_what_latest_points_to(tmp_path: Path) -> None:
+    # Resumed from an older step while a newer (bad) step file exists: the fresh save must survive pruning.
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    manager.save(small_state(10), 10)
+    manager.save(small_state(7), 7)
+    state, _ = manager.load_latest()
+    assert state["step"] == 7
+    assert (tmp_path / "step_00000007.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------------ corruption
+def test_truncated_latest_falls_back_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    manager = CheckpointManager(tmp_path)
+    manager.save(small_state(1), 1)
+    manager.save(small_state(2), 2)
+    latest = tmp_path / "latest.pt"
+    data = latest.read_bytes()
+    latest.unlink()  # a new inode: the step file it was linked to stays intact
+    latest.write_bytes(data[: len(data) // 2])
+
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    state, path = manager.load_latest()
+    assert (state["step"], path.name) == (2, "step_00000002.pt")
+    [msg] = warnings_about(caplog, "latest.pt")
+    assert "corrupt or truncated" in msg and "falling back to step_00000002.pt" in msg.lower()
+
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(latest)  # without the sidecar the zip reader catches truncation too
+    (tmp_path / "latest.pt.sha256").unlink()
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(latest)
+
+
+def test_bit_flip_in_tensor_data_is_detected(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    manager = CheckpointManager(tmp_path)
+    manager.save(small_state(1), 1)
+    newest = manager.save(small_state(2), 2)
+    latest = tmp_path / "latest.pt"
+    flip_bit_in_payload(newest)
+    if not os.path.samefile(newest, latest):  # latest.pt is a copy where hard links are unsupported
+        flip_bit_in_payload(latest)
+
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    state, path = manager.load_latest()
+    assert (state["step"], path.name) == (1, "step_00000001.pt")
+    assert "sha256" in warnings_about(caplog, "latest.pt")[0]
+    assert "falling back to step_00000001.pt" in warnings_about(caplog, "step_00000002.pt")[-1].lower()
+
+
+def test_missing_sidecar_means_incomplete(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    manager = CheckpointManager(tmp_path)
+    manager.save(small_state(1), 1)
+    manager.save(small_state(2), 2)
+    (tmp_path / "latest.pt.sha256").unlink()
+    (tmp_path / "step_00000002.pt.sha256").unlink()  # as if killed between checkpoint and sidecar
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    state, _ = manager.load_latest()
+    assert state["step"] == 1
+    assert "incomplete" in warnings_about(caplog, "step_00000002.pt")[0]
+
+
+def test_all_corrupt_raises_listing_every_file(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    for step in (1, 2):
+        manager.save(small_state(step), step)
+    for p in tmp_path.glob("*.pt"):
+        p.unlink()
+        p.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError) as err:
+        manager.load_latest()
+    for name in ("latest.pt", "step_00000001.pt", "step_00000002.pt"):
+        assert name in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------- safety
+class RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+class CustomObject:
+    def __init__(self) -> None:
+        self.x = 1
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "step_00000001.pt"
+    torch.save({"model": {}, "payload": RunsCode(marker)}, evil)
+    with pytest.raises(CheckpointError, match="security") as err:
+        load_checkpoint(evil)
+    assert str(evil) in str(err.value)
+    assert not marker.exists()
+
+    # Even with a valid sidecar (anyone can write one) the manager refuses it. (atomic_torch_save itself refuses
+    # to write such a state, so forge the sidecar by hand.)
+    digest = hashlib.sha256(evil.read_bytes()).hexdigest()
+    (tmp_path / "step_00000001.pt.sha256").write_text(f"{digest}  step_00000001.pt\n")
+    with pytest.raises(CheckpointError, match="security"):
+        CheckpointManager(tmp_path).load_latest()
+    assert not marker.exists()
+
+    custom = tmp_path / "custom.pt"
+    torch.save({"obj": CustomObject()}, custom)
+    with pytest.raises(CheckpointError, match="security"):
+        load_checkpoint(custom)
+
+
+def test_assert_finite_state() -> None:
+    assert_finite_state({"w": torch.ones(3), "n": torch.tensor([1, 2]), "x": 3}, "model weights")
+    with pytest.raises(CheckpointError, match="layer.weight"):
+        assert_finite_state({"ok": torch.ones(2), "layer.weight": torch.tensor([1.0, float("nan")])}, "weights")
+    with pytest.raises(CheckpointError, match="head.bias"):
+        assert_finite_state({"head.bias": torch.tensor([float("inf")], dtype=torch.bfloat16)}, "weights")
+
+
+# ------------------------------------------------------------------------------------------ kill during save
+# One interpreter imports torch once (2+ s) and forks a fresh saver per round; the test SIGKILLs the saver at
+# a random moment, so each round costs a fraction of a second instead of a torch import.
+KILL_DRIVER = r"""
+import os, sys
+import torch
+torch.set_num_threads(1)
+from utils.checkpoint import CheckpointManager
+
+directory, numel = sys.argv[1], int(sys.argv[2])
+while True:
+    line = sys.stdin.readline()
+    if not line:
+        break
+    step = int(line)
+    pid = os.fork()
+    if pid == 0:
+        manager = CheckpointManager(directory, keep_last=2)
+        while True:
+            manager.save({"step": step, "w": torch.full((numel,), float(step)), "meta": {"hist": [step] * 50}}, step)
+            step += 1
+    print(pid, flush=True)
+    os.waitpid(pid, 0)
+    print("reaped", flush=True)
+"""
+NUMEL = 2_000_000  # 8 MB per save
+
+
+def check_complete(state: dict) -> int:
+    step = state["step"]
+    assert state["meta"] == {"hist": [step] * 50}
+    assert state["w"].shape == (NUMEL,) and bool((state["w"] == float(step)).all())
+    return step
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_sigkill_during_save_never_loses_the_last_good_checkpoint(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save({"step": 0, "w": torch.zeros(NUMEL), "meta": {"hist": [0] * 50}}, 0)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", KILL_DRIVER, str(tmp_path), str(NUMEL)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    rng = random.Random(1234)
+    last_step = 0
+    try:
+        for round_ in range(5):
+            driver.stdin.write(f"{last_step + 1}\n")  # resume after the last good checkpoint, like a restart
+            driver.stdin.flush()
+            pid_line = driver.stdout.readline()
+            assert pid_line.strip().isdigit(), f"driver failed: {pid_line!r} {driver.stderr.read()}"
+            delay = rng.uniform(0.05, 0.5)
+            time.sleep(delay)
+            os.kill(int(pid_line), signal.SIGKILL)
+            assert driver.stdout.readline().strip() == "reaped"
+
+            loaded = manager.load_latest()
+            assert loaded is not None, f"round {round_}: nothing loadable after kill at {delay:.2f}s"
+            step = check_complete(loaded[0])
+            assert step >= last_step, f"round {round_}: went back from step {last_step} to {step}"
+            last_step = step
+
+            # Nothing under a real name is partial: every visible .pt unpickles completely. Temp files are hidden.
+            step_files = manager.checkpoints()
+            for entry in tmp_path.iterdir():
+                if entry.name.startswith("."):
+                    assert ".tmp." in entry.name
+                    continue
+                assert entry.name == "latest.pt" or entry in step_files or entry.name.endswith(".pt.sha256")
+                if entry.suffix == ".pt":
+                    check_complete(torch.load(entry, weights_only=True))
+            # Every step file but the newest (possibly killed before its sidecar) verifies against its sidecar.
+            for p in step_files[:-1]:
+                check_complete(load_checkpoint(p, require_digest=True))
+        assert last_step > 0, "the saver never completed a checkpoint between kills"
+    finally:
+        driver.stdin.close()
+        driver.kill()
+        driver.wait()
+        driver.stdout.close()
+        driver.stderr.close()

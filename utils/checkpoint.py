@@ -1,0 +1,425 @@
+"""Crash-safe checkpoint files.
+
+A run directory holds, besides logs and metrics, these files (all written by this module)::
+
+    <run_dir>/
+      step_00001000.pt            periodic snapshot at optimizer step 1000; only the newest `keep_last` are kept
+      step_00001000.pt.sha256     sha256 of the file beside it, in `sha256sum` format
+      latest.pt                   hard link to (or, where links are unsupported, a copy of) the newest step file;
+      latest.pt.sha256            resume reads it first
+      best.pt (+ .sha256)         best model by the monitored metric (CheckpointManager.save_named)
+      ema_model.pt (+ .sha256)    EMA weights (CheckpointManager.save_named)
+      .step_00002000.pt.tmp.<pid>.<hex>   a save in progress (or killed mid-way); hidden, never read,
+                                  removed by the next save once its process is gone
+
+Guarantees:
+
+* Every write goes to a hidden temp file in the same directory, is fsync'ed, then `os.replace`d onto the real
+  name and the directory is fsync'ed: a kill or power loss at any instant leaves the old file or the new one
+  under the real name, never a partial one.
+* The sha256 sidecar is written (atomically) *after* its checkpoint. torch's zip reader does not check the CRCs
+  it stores (checked with torch 2.15: a bit flip inside tensor data loads silently), so the sidecar is what
+  catches silent corruption; truncation is caught by the sidecar and by the zip reader alike. For the manager's
+  files a missing sidecar means the save was interrupted before it completed: the file is treated as incomplete.
+* Loading uses `torch.load(weights_only=True)`: a checkpoint is data (tensors, dicts, lists, tuples, scalars,
+  strings, OrderedDict, sets, torch dtypes/devices), never code. A state holding anything else
+  (a numpy scalar, a deque, a custom object) is rejected when *saving*, so a run never writes checkpoints it
+  cannot resume from. Anything needing another global is refused as a security risk.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import hashlib
+import io
+import logging
+import os
+import pickle
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+log = logging.getLogger(__name__)
+
+LATEST_NAME = "latest.pt"
+SIDECAR_SUFFIX = ".sha256"
+_STEP_RE = re.compile(r"^step_(\d{8,})\.pt$")
+_TEMP_RE = re.compile(r"^\..+\.tmp\.(\d+)\.[0-9a-f]+$")
+# Messages of torch's weights-only unpickler that mean "this file asks for something not allowed" (as opposed
+# to "these bytes are garbage", e.g. "Unsupported operand", which is corruption).
+_REFUSAL_RE = re.compile(r"GLOBAL|unrecognized function|Can only |must be imported to load")
+
+# AdamW, LambdaLR, AveragedModel and GradScaler state dicts load under weights_only with torch's default
+# allow-list (checked in tests/test_checkpoint.py), so no `torch.serialization.add_safe_globals` is needed.
+# collections.deque cannot be allow-listed (its pickle extends a non-list, which the safe loader rejects):
+# callers store list(d) instead; `_check_loadable` catches such things when saving, not at resume.
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file, the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+def _temp_path(path: Path) -> Path:
+    # Hidden (leading dot) so nothing globbing for checkpoints sees it; pid so stale ones can be recognised.
+    return path.parent / f".{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename: the new name lives in the directory entry, not in the file."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # A few filesystems (some network/FUSE mounts) cannot fsync a directory; the rename is still atomic.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # also on KeyboardInterrupt: never leave our temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`; readers see the old content or the new, never a mix."""
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """UTF-8 text version of `atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class _HashingWriter:
+    """File-like object that hashes what torch.save writes, so the digest costs no second pass over the file."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._sha = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self._sha.update(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def _sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _write_sidecar(path: Path, digest: str) -> None:
+    atomic_write_text(_sidecar_path(path), f"{digest}  {path.name}\n")  # `sha256sum -c` format
+
+
+_CONTAINERS = (dict, collections.OrderedDict, list, tuple, set)
+_SAFE_LEAVES = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _check_loadable(obj: Any, path: Path) -> None:
+    """Raise CheckpointError if `obj` holds something `torch.load(weights_only=True)` would refuse.
+
+    Containers and common leaves are checked by type (fast); anything unusual is round-tripped through the safe
+    loader in memory, so this agrees with the loader instead of guessing.
+    """
+    bad: list[str] = []
+
+    def visit(x: Any, where: str) -> None:
+        if type(x) in _CONTAINERS:
+            items = x.items() if isinstance(x, dict) else enumerate(x)
+            for k, v in items:
+                if isinstance(x, dict):
+                    visit(k, f"{where} key {k!r}")
+                visit(v, f"{where}[{k!r}]")
+        elif type(x) in _SAFE_LEAVES or type(x) in (torch.Tensor, torch.nn.Parameter):
+            return
+        else:
+            buf = io.BytesIO()
+            try:
+                torch.save(x, buf)
+                buf.seek(0)
+                torch.load(buf, weights_only=True)
+            except Exception:  # noqa: BLE001 - any failure means "cannot be checkpointed"; reported below
+                bad.append(f"{where} ({type(x).__module__}.{type(x).__qualname__})")
+
+    visit(obj, "state")
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise CheckpointError(
+            f"Cannot save checkpoint {path}: {shown} could not be loaded back safely (weights_only). "
+            f"Checkpoints may hold only tensors, dicts, lists, tuples, sets and str/int/float/bool/None. "
+            f"Fix: convert these before saving (list(deque), float(np_scalar), tensor or plain python for numpy "
+            f"arrays/RNG state, obj.state_dict() for objects)."
+        )
+
+
+def _save_with_sidecar(obj: Any, path: Path) -> str:
+    _check_loadable(obj, path)
+    writer: _HashingWriter | None = None
+
+    def write(f: BinaryIO) -> None:
+        nonlocal writer
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+
+    _atomic_write(path, write)
+    assert writer is not None
+    digest = writer.hexdigest()
+    _write_sidecar(path, digest)  # after the checkpoint: a sidecar never vouches for a file not yet in place
+    return digest
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save `obj` to `path` atomically, then write its `<path>.sha256` sidecar (also atomically)."""
+    _save_with_sidecar(obj, Path(path))
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+def _read_sidecar(path: Path) -> str | None:
+    sidecar = _sidecar_path(path)
+    try:
+        text = sidecar.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"Checkpoint {path}: its checksum file {sidecar.name} cannot be read ({e}). "
+            f"Fix: delete {path} and {sidecar.name}, or restore both from a backup."
+        ) from e
+    digest = text.split()[0].lower() if text.split() else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise CheckpointError(
+            f"Checkpoint {path}: its checksum file {sidecar.name} is corrupt or truncated (no sha256 in it). "
+            f"Fix: delete {path} and {sidecar.name}, or restore both from a backup."
+        )
+    return digest
+
+
+def load_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu", *, require_digest: bool = False
+) -> dict:
+    """Load a checkpoint written by this module, verifying its sha256 sidecar when there is one.
+
+    `require_digest=True` (what CheckpointManager uses) treats a missing sidecar as an incomplete save.
+    Raises CheckpointError for missing, incomplete, corrupt/truncated or refused (unsafe) files.
+    """
+    path = Path(path)
+    fix_corrupt = f"Fix: delete {path} (and {path.name}{SIDECAR_SUFFIX}) and resume from an older checkpoint."
+    expected = _read_sidecar(path)
+    if expected is None and require_digest and path.exists():
+        raise CheckpointError(
+            f"Checkpoint {path} is incomplete: its checksum file {path.name}{SIDECAR_SUFFIX} is missing, so the "
+            f"save was interrupted (or the file was copied without it). {fix_corrupt}"
+        )
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError as e:
+        raise CheckpointError(f"Checkpoint {path} does not exist. Fix: check the path / run directory.") from e
+    except OSError as e:
+        raise CheckpointError(f"Checkpoint {path} cannot be opened ({e}). Fix: check its permissions.") from e
+    # One open file for hashing and loading: a concurrent replace cannot slip a different file in between.
+    with f:
+        if expected is not None:
+            actual = hashlib.file_digest(f, "sha256").hexdigest()
+            if actual != expected:
+                raise CheckpointError(
+                    f"Checkpoint {path} is corrupt or truncated: its sha256 {actual[:16]}... does not match "
+                    f"{path.name}{SIDECAR_SUFFIX} ({expected[:16]}...). {fix_corrupt}"
+                )
+            f.seek(0)
+        try:
+            obj = torch.load(f, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            reason = next((ln.strip() for ln in str(e).splitlines() if _REFUSAL_RE.search(ln)), None)
+            if reason is not None:
+                raise CheckpointError(
+                    f"Checkpoint {path} was refused for security: loading it would require importing or calling "
+                    f"code ({reason}). Only checkpoints written by this launcher (tensors, dicts, lists, tuples, "
+                    f"numbers, strings) can be loaded. Fix: do not load files from untrusted sources; re-export "
+                    f"the weights as a plain state_dict."
+                ) from e
+            raise CheckpointError(f"Checkpoint {path} is corrupt or truncated ({e}). {fix_corrupt}") from e
+        # torch.load on damaged bytes fails in many ways (RuntimeError from the zip reader, EOFError, KeyError,
+        # struct.error, ...); all mean the file is unusable. The cause is kept in the message.
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(
+                f"Checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}). {fix_corrupt}"
+            ) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"Checkpoint {path} holds a {type(obj).__name__}, not a dict: it was not written by this launcher. "
+            f"Fix: point the run at a directory of this launcher's checkpoints."
+        )
+    return obj
+
+
+def assert_finite_state(state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise CheckpointError if a floating/complex tensor holds NaN or Inf: such weights must never be saved."""
+    bad = [
+        name
+        for name, t in state_dict.items()
+        if isinstance(t, torch.Tensor)
+        and (t.is_floating_point() or t.is_complex())
+        and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise CheckpointError(
+            f"Refusing to save {what}: non-finite values (NaN/Inf) in {shown}. The previous checkpoint is kept. "
+            f"Fix: lower the learning rate, enable gradient clipping, or use bf16/fp32 instead of fp16."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------- manager
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class CheckpointManager:
+    """Periodic `step_XXXXXXXX.pt` snapshots + `latest.pt` + named files in one directory (single writer)."""
+
+    def __init__(self, directory: Path | str, keep_last: int = 3) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    @property
+    def latest_path(self) -> Path:
+        return self.directory / LATEST_NAME
+
+    def step_path(self, step: int) -> Path:
+        return self.directory / f"step_{step:08d}.pt"
+
+    # ------------------------------------------------------------------ writing
+    def save(self, state: dict, step: int) -> Path:
+        """Write `step_{step:08d}.pt`, point `latest.pt` at it, prune old step files. Returns the step file."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temp_files()
+        path = self.step_path(step)
+        digest = _save_with_sidecar(state, path)
+        self._point_latest_at(path, digest)
+        self._prune(protect=path)
+        return path
+
+    def save_named(self, name: str, state: dict) -> Path:
+        """Atomically write one named file such as "best.pt" or "ema_model.pt" (with its sidecar)."""
+        if Path(name).name != name or name.startswith(".") or name == LATEST_NAME or _STEP_RE.match(name):
+            raise ValueError(f"save_named: {name!r} must be a plain file name other than latest.pt / step_*.pt")
+        path = self.directory / name
+        _save_with_sidecar(state, path)
+        return path
+
+    def _point_latest_at(self, path: Path, digest: str) -> None:
+        latest = self.latest_path
+        tmp = _temp_path(latest)
+        try:
+            try:
+                os.link(path, tmp)  # no second copy of a possibly multi-GB file
+            except OSError as e:  # filesystems without hard links (some FUSE/SMB mounts): copy instead
+                log.debug("Hard link %s -> %s failed (%s); copying", path, tmp, e)
+                shutil.copyfile(path, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, latest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.directory)
+        # Killed right here, latest.pt is new and its sidecar old: it fails verification and resume falls back
+        # to the newest step file, which is complete.
+        _write_sidecar(latest, digest)
+
+    def _prune(self, protect: Path) -> None:
+        latest = self.latest_path
+        for old in self.checkpoints()[: -self.keep_last]:
+            if old == protect or (latest.exists() and os.path.samefile(old, latest)):
+                continue
+            old.unlink(missing_ok=True)  # checkpoint first: an orphaned sidecar is harmless, the reverse is not
+            _sidecar_path(old).unlink(missing_ok=True)
+        for sidecar in self.directory.glob(f"step_*.pt{SIDECAR_SUFFIX}"):  # orphans of an interrupted prune
+            if not sidecar.with_name(sidecar.name[: -len(SIDECAR_SUFFIX)]).exists():
+                sidecar.unlink(missing_ok=True)
+
+    def _remove_stale_temp_files(self) -> None:
+        # Temp files of killed saves; those of a live process (another save in flight) are left alone.
+        for entry in self.directory.iterdir():
+            m = _TEMP_RE.match(entry.name)
+            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+                entry.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ reading
+    def checkpoints(self) -> list[Path]:
+        """Step files, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _STEP_RE.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    @staticmethod
+    def has_checkpoint(directory: Path | str) -> bool:
+        """True if `directory` holds latest.pt or a step file (readable or not)."""
+        manager = CheckpointManager(directory)
+        return manager.latest_path.exists() or bool(manager.checkpoints())
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
+        """Load the newest readable checkpoint: latest.pt, then step files newest first.
+
+        Returns (state, path loaded) or None if the directory holds no checkpoint. Raises CheckpointError if
+        checkpoints exist but none can be loaded.
+        """
+        candidates = ([self.latest_path] if self.latest_path.exists() else []) + self.checkpoints()[::-1]
+        if not candidates:
+            return None
+        failures: list[str] = []
+        for i, path in enumerate(candidates):
+            try:
+                return load_checkpoint(path, map_location, require_digest=True), path
+            except CheckpointError as e:
+                failures.append(f"  - {path.name}: {e}")
+                nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
+                log.warning(
+                    "Cannot load checkpoint %s: %s %s",
+                    path,
+                    e,
+                    f"Falling back to {nxt}." if nxt else "No older checkpoint left to fall back to.",
+                )
+        raise CheckpointError(
+            f"No loadable checkpoint in {self.directory}: all {len(candidates)} failed:\n"
+            + "\n".join(failures)
+            + "\nFix: restore them from a backup, or move them aside to start the run from scratch."
+        )

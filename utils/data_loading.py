@@ -1,0 +1,75 @@
+"""Samplers and loaders whose order is a pure function of (seed, epoch, position).
+
+That makes resume exact: a checkpoint stores (epoch, batches done in the epoch) and the resumed run
+skips exactly those batches. Training uses torch's DistributedSampler (one shard per rank, reshuffled
+per epoch from seed + epoch), which is also what a single process uses (one replica).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way through (after `skip` samples)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self._skip = 0
+
+    def start_epoch(self, epoch: int, skip_samples: int = 0) -> None:
+        self.set_epoch(epoch)
+        self._skip = skip_samples
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self._skip :])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self._skip)
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation order: rank r takes every world_size-th index, no padding, so sums over ranks are exact.
+
+    The order is one fixed shuffle (seed 0), so `trainer.eval_max_batches` sees a representative subset
+    rather than the first rows of a file that may be sorted.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()  # type: ignore[arg-type]
+        self.indices = order[rank::num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loader(
+    dataset: Dataset,
+    sampler: Sampler,
+    batch_size: int,
+    collate_fn: Callable | None,
+    num_workers: int,
+    drop_last: bool,
+    pin_memory: bool,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        # Its own generator: otherwise every new iterator (resume mid-epoch, each evaluation) draws a seed
+        # from the global RNG and shifts the dropout masks, breaking bitwise-exact resume.
+        generator=torch.Generator(),
+        persistent_workers=False,  # the sampler's start offset changes per epoch; fresh iterators pick it up
+    )

@@ -1,0 +1,81 @@
+"""Exponential moving average of model weights (and buffers), for evaluation.
+
+Built on torch.optim.swa_utils.AveragedModel with `get_ema_multi_avg_fn`, so the update is one fused
+`lerp` per device/dtype group: `ema = decay * ema + (1 - decay) * weights`.
+
+The first `update()` copies the model's weights (AveragedModel's convention); averaging starts with
+the second. Buffers are averaged too (`use_buffers=True`, e.g. BatchNorm running statistics), except
+integer buffers such as `num_batches_tracked`, which are copied: averaging an integer truncates it.
+
+Optional warmup: with `warmup_steps > 0`, the k-th averaging update (k = 1, 2, ...) uses
+`decay * min(1, k / warmup_steps)`, so early weights -- far from where training ends up -- are
+forgotten quickly instead of dominating the average for ~1/(1-decay) steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from utils.modules import unwrap_model
+
+
+class _EMAUpdate:
+    """multi_avg_fn for AveragedModel: torch's EMA lerp for float tensors, a plain copy for integer ones."""
+
+    def __init__(self, decay: float) -> None:
+        self.set_decay(decay)
+
+    def set_decay(self, decay: float) -> None:
+        self.decay = decay
+        self._float_update = get_ema_multi_avg_fn(decay)
+
+    def __call__(self, ema: list[torch.Tensor], current: list[torch.Tensor], n_averaged: Any) -> None:
+        # AveragedModel groups tensors by dtype, so checking the first of a group is enough.
+        if torch.is_floating_point(ema[0]) or torch.is_complex(ema[0]):
+            self._float_update(ema, current, n_averaged)
+        else:
+            torch._foreach_copy_(ema, current)
+
+
+class ModelEMA:
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999, warmup_steps: int = 0) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+        self._update_fn = _EMAUpdate(decay)
+        self._avg = AveragedModel(unwrap_model(model), multi_avg_fn=self._update_fn, use_buffers=True)
+        # The copy is only ever evaluated; keeping autograd off it avoids building graphs by accident.
+        self._avg.requires_grad_(False)
+        # Mirror of AveragedModel.n_averaged kept on the host, so warmup needs no device sync.
+        self._num_updates = 0
+
+    def _decay_for_next_update(self) -> float:
+        if self.warmup_steps == 0:
+            return self.decay
+        return self.decay * min(1.0, self._num_updates / self.warmup_steps)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """Fold the model's current weights and buffers into the average (call after optimizer.step())."""
+        if self.warmup_steps:
+            self._update_fn.set_decay(self._decay_for_next_update())
+        self._avg.update_parameters(unwrap_model(model))
+        self._num_updates += 1
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The averaged copy of the model (use for evaluation)."""
+        return self._avg.module
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._avg.state_dict()  # "module.<name>" entries plus "n_averaged"
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._avg.load_state_dict(state)
+        self._num_updates = int(self._avg.n_averaged.item())
