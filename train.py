@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dataset.prepare import prepare_dataset
@@ -50,7 +51,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config pretrain.py will see (hydra node included, so the run directory resolves)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3", job_name="pretrain"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations (run_name) resolve here too
+    return cfg
 
 
 def move_aside(run_dir: Path) -> Path:

@@ -61,14 +61,14 @@ class Cluster:
 
     @staticmethod
     def cmd(*args: str, check: bool = True, timeout: float = 30) -> str:
-        res = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(args, check=False, capture_output=True, text=True, timeout=timeout)
         if check and res.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
         return res.stdout
 
     def job_fields(self, job_id: str) -> dict[str, str]:
         """`scontrol -o show job <id>` as a dict (JobState, Restarts, ...); empty once the job is forgotten."""
-        res = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+        res = subprocess.run(["scontrol", "-o", "show", "job", job_id], check=False, capture_output=True, text=True, timeout=30)
         if res.returncode != 0:
             return {}
         return dict(re.findall(r"(\w+)=(\S*)", res.stdout.splitlines()[0] if res.stdout else ""))
@@ -85,7 +85,7 @@ class Cluster:
 
 # ------------------------------------------------------------------------------------------ helpers
 def _run(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(args, check=False, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _missing_binaries() -> list[str]:
@@ -99,7 +99,7 @@ def cannot_run_reason() -> str | None:
     if os.geteuid() != 0:
         if not _missing_binaries() and _ping_up():
             return None  # someone else's running cluster: usable without root
-        return "SLURM tests install and start a local SLURM cluster and need root (run as root, or on CI)"
+        return "not root: the SLURM tests need root to install (apt-get) and start a single-node SLURM cluster"
     if _missing_binaries() and shutil.which("apt-get") is None:
         return f"SLURM is not installed ({', '.join(_missing_binaries())} missing) and there is no apt-get to install it"
     return None
@@ -114,11 +114,13 @@ def _install(log) -> None:
         policy.write_text("#!/bin/sh\nexit 101\n")
         policy.chmod(0o755)
     try:
-        cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
+        lock = ["-o", "DPkg::Lock::Timeout=120"]  # wait for another apt/dpkg (e.g. unattended-upgrades) to finish
+        cmd = ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
         res = _run(*cmd, env=env)
         if res.returncode != 0:
-            log(f"apt-get install failed ({res.stderr.strip().splitlines()[-1:] }); running apt-get update first")
-            upd = _run("apt-get", "update", "-q", env=env)
+            last = (res.stderr.strip().splitlines() or ["?"])[-1]
+            log(f"apt-get install failed ({last}); running apt-get update first")
+            upd = _run("apt-get", *lock, "update", "-q", env=env)
             if upd.returncode != 0:
                 raise ClusterUnavailable(f"apt-get update failed:\n{upd.stderr[-2000:]}")
             res = _run(*cmd, env=env)
@@ -133,10 +135,10 @@ def _install(log) -> None:
 
 def _munge_ok() -> bool:
     try:
-        enc = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
+        enc = subprocess.run(["munge", "-n"], check=False, capture_output=True, timeout=10)
         if enc.returncode != 0:
             return False
-        dec = subprocess.run(["unmunge"], input=enc.stdout, capture_output=True, timeout=10)
+        dec = subprocess.run(["unmunge"], input=enc.stdout, check=False, capture_output=True, timeout=10)
         return dec.returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -219,7 +221,7 @@ PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 def _ping_up() -> bool:
     try:
-        res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+        res = subprocess.run(["scontrol", "ping"], check=False, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return res.returncode == 0 and " is UP" in res.stdout
@@ -227,7 +229,7 @@ def _ping_up() -> bool:
 
 def _node_state(node: str) -> str:
     try:
-        res = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%t"], capture_output=True, text=True, timeout=10)
+        res = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%t"], check=False, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else ""
@@ -250,12 +252,13 @@ def _wait(predicate, timeout: float, what: str, log_file: Path | None = None) ->
 
 
 def _pid_alive(pid_file: Path) -> int | None:
+    """The pid in `pid_file` if that process runs (a zombie left for a non-reaping PID 1 does not count)."""
     try:
         pid = int(pid_file.read_text().strip())
-        os.kill(pid, 0)
-        return pid
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except (OSError, ValueError):
         return None
+    return None if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X") else pid
 
 
 def _stop_daemons() -> None:

@@ -1,11 +1,16 @@
-"""A real sweep on a real (single-node) SLURM cluster through `hydra/launcher=slurm`, with a pre-emption.
+"""A real sweep on a real (single-node) SLURM cluster through `hydra/launcher=slurm`, with interruptions.
 
-`python pretrain.py -m hydra/launcher=slurm ... optim.lr=1e-3,3e-4` submits a job array of two jobs. While
-both train, the lr=1e-3 job gets `scancel --signal=USR2` (what SLURM sends on pre-emption / before the time
-limit for submitit jobs). The trainer finishes its step, saves a checkpoint and passes the signal on to
-submitit's handler, which requeues the job; SLURM starts it again, it resumes from that checkpoint in the
-same run directory and finishes with weights bitwise identical to an uninterrupted run of the same
-overrides (run locally, no SLURM). Both jobs' returned metrics come back to the sweep.
+`python pretrain.py -m hydra/launcher=slurm ... optim.lr=1e-3,3e-4` submits a job array of two jobs, one
+CPU each, so both train at once. Mid-run:
+
+* the lr=1e-3 job gets `scancel --signal=USR2` (what SLURM sends submitit jobs on pre-emption and before the
+  time limit): the trainer finishes its step, saves a checkpoint and passes the signal on to submitit's
+  handler, which requeues the job. It restarts, resumes from that checkpoint in the same run directory and
+  ends with weights bitwise identical to an uninterrupted run of the same overrides (run locally, no SLURM);
+* the lr=3e-4 job gets `scontrol requeue` (SIGTERM, which submitit itself ignores): the trainer saves a
+  checkpoint and exits, SLURM requeues it and it resumes too.
+
+Both jobs' return values come back to the sweep (submitit's result files, the sweep summary).
 
 The cluster comes from tests/slurm_cluster.py (installed and started on first use, reused afterwards).
 Every wait here is bounded: without accounting, submitit would wait forever for a job that died.
@@ -13,6 +18,7 @@ Every wait here is bounded: without accounting, submitit would wait forever for 
 
 from __future__ import annotations
 
+import csv
 import re
 import subprocess
 import time
@@ -22,11 +28,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.cli_helpers import (
-    ENV,
     REPO_ROOT,
     TINY,
     assert_tensors_equal,
-    command,
     finish,
     load,
     output_so_far,
@@ -38,8 +42,9 @@ from tests.slurm_cluster import Cluster, slurm_cluster  # noqa: F401 - the sessi
 
 JOB_NAME = "launcher-test"  # every job the tests submit; cancelled before and after
 STEPS = 1000
-PREEMPT_AT = 150  # signal the victim once it has logged this many steps
-SWEEP_TIMEOUT_S = 240
+INTERRUPT_AT = 150  # interrupt a job once it has logged this many steps
+START_TIMEOUT_S = 150  # submission to both jobs at INTERRUPT_AT
+FINISH_TIMEOUT_S = 150  # from there to the end of the sweep
 
 # The job: TINY (1-layer width-32 transformer, p=23, batch 64, ~15 ms a step on one core), no early stop.
 TRAIN = [
@@ -51,9 +56,9 @@ TRAIN = [
     "trainer.early_stopping.enabled=false",
     "run_name=sweep",
 ]
-# timeout_min >= 13: submitit counts any SIGUSR2 in the first min(0.8 T, T - 10 min) of a job as a pre-emption
-# and later ones as time-outs (only max_num_timeout of those are requeued). signal_delay_s is SLURM's warning
-# before the time limit (not reached here). One CPU per job: both jobs run at once on a 2-core node.
+# timeout_min >= 13: submitit counts a SIGUSR2 in the first min(0.8 T, T - 10 min) of a job as a pre-emption
+# and later ones as time-outs. signal_delay_s is SLURM's warning before the time limit (not reached here).
+# One CPU per job: both jobs run at once on a 2-core node.
 LAUNCHER = [
     "hydra/launcher=slurm",
     "hydra.launcher.timeout_min=15",
@@ -67,8 +72,8 @@ def _events(run_dir: Path, name: str) -> list[dict]:
     return [m for m in read_metrics(run_dir, "event") if m.get("event") == name]
 
 
-def _max_train_step(run_dir: Path) -> int:
-    steps = [m["step"] for m in read_metrics(run_dir, "train")]
+def _max_train_step(run_dir: Path | None) -> int:
+    steps = [m["step"] for m in read_metrics(run_dir, "train")] if run_dir is not None else []
     return max(steps) if steps else 0
 
 
@@ -77,9 +82,15 @@ def _job_dir(sweep_dir: Path, lr: str) -> Path | None:
     return found[0] if found else None
 
 
+def _slurm_job_id(run_dir: Path) -> str:
+    """The launcher records the SLURM job id (an array task, e.g. "7_0") in the job's Hydra config."""
+    job_id = str(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.id)
+    assert re.fullmatch(r"\d+_\d+", job_id), job_id
+    return job_id
+
+
 def _submitit_logs(sweep_dir: Path, job_id: str) -> str:
-    folder = sweep_dir / ".submitit" / job_id
-    return "\n".join(p.read_text(errors="replace") for p in sorted(folder.glob("*_log.*")))
+    return "\n".join(p.read_text(errors="replace") for p in sorted((sweep_dir / ".submitit" / job_id).glob("*_log.*")))
 
 
 def _diagnostics(cluster: Cluster, sweep_dir: Path, sweep: subprocess.Popen) -> str:
@@ -87,13 +98,6 @@ def _diagnostics(cluster: Cluster, sweep_dir: Path, sweep: subprocess.Popen) -> 
     for log in sorted((sweep_dir / ".submitit").glob("*/*_log.*")):
         parts.append(f"{log}:\n{log.read_text(errors='replace')[-2500:]}")
     return "\n\n".join(parts)
-
-
-@pytest.fixture
-def own_jobs(slurm_cluster: Cluster):  # noqa: F811 - pytest fixture injection
-    slurm_cluster.cancel(name=JOB_NAME)  # leftovers of an interrupted earlier run would hold the CPUs
-    yield slurm_cluster
-    slurm_cluster.cancel(name=JOB_NAME)
 
 
 def _comparable(ckpt: dict) -> dict:
@@ -106,54 +110,52 @@ def _comparable(ckpt: dict) -> dict:
     return out
 
 
-def test_sweep_on_slurm_survives_preemption_and_resumes_exactly(own_jobs: Cluster, tmp_path: Path):
+@pytest.fixture
+def own_jobs(slurm_cluster: Cluster):  # noqa: F811 - pytest fixture injection
+    slurm_cluster.cancel(name=JOB_NAME)  # leftovers of an interrupted earlier run would hold the CPUs
+    yield slurm_cluster
+    slurm_cluster.cancel(name=JOB_NAME)
+
+
+def test_sweep_on_slurm_is_requeued_after_preemption_and_resumes_exactly(own_jobs: Cluster, tmp_path: Path):
     cluster = own_jobs
     t0 = time.monotonic()
-    root, data_root = tmp_path / "ck", tmp_path / "ds"
+    root, data_root, ref_root = tmp_path / "ck", tmp_path / "ds", tmp_path / "reference"
     sweep_dir = root / "sweep_multirun"
     sweep = start("pretrain.py", "-m", *LAUNCHER, *TRAIN, *paths(root, data_root), "optim.lr=1e-3,3e-4")
     reference = None
     try:
-        # ---- wait for the lr=1e-3 job to train, then pre-empt it
-        deadline = time.monotonic() + 120
-        victim_dir = None
-        while True:
-            if sweep.poll() is not None:
-                pytest.fail(f"the sweep exited ({sweep.returncode}) before the pre-emption\n"
-                            f"{_diagnostics(cluster, sweep_dir, sweep)}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the lr=1e-3 job did not reach step {PREEMPT_AT} in 120 s\n"
-                            f"{_diagnostics(cluster, sweep_dir, sweep)}")
-            victim_dir = victim_dir or _job_dir(sweep_dir, "0.001")
-            if victim_dir is not None and _max_train_step(victim_dir) >= PREEMPT_AT:
-                break
-            time.sleep(0.05)
-        # The launcher records the SLURM job id (array task, e.g. "7_0") in the job's Hydra config.
-        job_id = str(OmegaConf.load(victim_dir / ".hydra" / "hydra.yaml").hydra.job.id)
-        assert re.fullmatch(r"\d+_\d+", job_id), job_id
-        signalled_at_step = _max_train_step(victim_dir)
-        Cluster.cmd("scancel", "--signal=USR2", job_id)
-        t_signal = time.monotonic() - t0
-
-        # ---- the uninterrupted reference (same overrides, no SLURM) runs while the victim is requeued
-        ref_root = tmp_path / "reference"
-        reference = start("pretrain.py", *TRAIN, *paths(ref_root, data_root), "optim.lr=1e-3")
-
-        # ---- wait for the sweep, watching the victim's restarts in SLURM
-        restarts, states = 0, []
-        deadline = time.monotonic() + SWEEP_TIMEOUT_S
+        # ---- each job, once it has trained INTERRUPT_AT steps: the lr=1e-3 one is pre-empted (USR2), the
+        # lr=3e-4 one requeued (SIGTERM); the uninterrupted reference (same overrides as the USR2 job, no
+        # SLURM) starts meanwhile. Their states and restarts in SLURM are watched until the sweep ends.
+        jobs = {"usr2": {"lr": "0.001"}, "requeue": {"lr": "0.0003"}}
+        for j in jobs.values():
+            j["restarts"], j["states"] = 0, []
+        deadline = time.monotonic() + START_TIMEOUT_S + FINISH_TIMEOUT_S
         while sweep.poll() is None:
-            fields = cluster.job_fields(job_id)
-            if fields:
-                restarts = max(restarts, int(fields.get("Restarts", "0")))
-                if not states or states[-1] != fields.get("JobState"):
-                    states.append(fields.get("JobState"))
             if time.monotonic() > deadline:
-                pytest.fail(f"the sweep did not finish within {SWEEP_TIMEOUT_S}s of the pre-emption "
-                            f"(victim {job_id} states {states})\n{_diagnostics(cluster, sweep_dir, sweep)}")
-            time.sleep(0.5)
+                pytest.fail(f"the sweep did not finish in {START_TIMEOUT_S + FINISH_TIMEOUT_S}s ({jobs})\n"
+                            f"{_diagnostics(cluster, sweep_dir, sweep)}")
+            for kind, j in jobs.items():
+                j["dir"] = j.get("dir") or _job_dir(sweep_dir, j["lr"])
+                if "job_id" not in j and _max_train_step(j["dir"]) >= INTERRUPT_AT:
+                    j["job_id"] = _slurm_job_id(j["dir"])
+                    j["signalled_at_step"] = _max_train_step(j["dir"])
+                    if kind == "usr2":
+                        Cluster.cmd("scancel", "--signal=USR2", j["job_id"])
+                        reference = start("pretrain.py", *TRAIN, *paths(ref_root, data_root), "optim.lr=1e-3")
+                    else:
+                        Cluster.cmd("scontrol", "requeue", j["job_id"])
+                    j["t_signal"] = time.monotonic() - t0
+                fields = cluster.job_fields(j["job_id"]) if "job_id" in j else {}
+                if fields:
+                    j["restarts"] = max(j["restarts"], int(fields.get("Restarts", "0")))
+                    if not j["states"] or j["states"][-1] != fields.get("JobState"):
+                        j["states"].append(fields.get("JobState"))
+            time.sleep(0.05)
         result = finish(sweep)
         t_sweep = time.monotonic() - t0
+        assert all("job_id" in j for j in jobs.values()), f"a job ended before step {INTERRUPT_AT}: {jobs}\n{result}"
         ref_result = finish(reference, timeout=180)
     finally:
         for proc in (sweep, reference):
@@ -163,69 +165,149 @@ def test_sweep_on_slurm_survives_preemption_and_resumes_exactly(own_jobs: Cluste
     assert result.returncode == 0, f"{result}\n{_diagnostics(cluster, sweep_dir, sweep)}"
     assert ref_result.returncode == 0, ref_result
 
-    # ---- requeued by SLURM (submitit's handler ran after our checkpoint), not failed or timed out
-    final = cluster.job_fields(job_id)
-    restarts = max(restarts, int(final.get("Restarts", "0")))
-    logs = _submitit_logs(sweep_dir, job_id)
-    assert restarts == 1, f"Restarts={restarts}, states {states}\n{logs[-4000:]}"
-    assert "Caught signal SIGUSR2" in logs and "this job is preempted" in logs, logs[-4000:]
-    assert f"Requeued job {job_id}" in logs, logs[-4000:]
-    train_log = (victim_dir / "train.log").read_text()
-    assert "SIGUSR2 received: finishing the current step" in train_log, train_log[-3000:]
-    assert "passing SIGUSR2 on to the handler installed before training (SignalHandler.checkpoint_and_try_requeue)" \
-        in train_log, train_log[-3000:]
+    for kind, j in jobs.items():
+        run_dir, job_id = j["dir"], j["job_id"]
+        sig = "SIGUSR2" if kind == "usr2" else "SIGTERM"
+        train_log = (run_dir / "train.log").read_text()
+        logs = _submitit_logs(sweep_dir, job_id)
 
-    # ---- resumed from the checkpoint of the interrupted step, in the same run directory
-    starts = [e["resumed_from_step"] for e in _events(victim_dir, "start")]
-    stops = [(e["step"], e["reason"]) for e in _events(victim_dir, "stop")]
-    assert len(starts) == 2 and starts[0] == 0, starts
-    resumed = starts[1]
-    assert resumed >= signalled_at_step > 0, (resumed, signalled_at_step)
-    assert resumed - signalled_at_step < 100, f"signal at step >= {signalled_at_step}, checkpoint at {resumed}"
-    assert stops == [(resumed, "interrupted by SIGUSR2"), (STEPS, f"max_steps={STEPS} reached")], stops
-    assert f"Resumed from {victim_dir / 'latest.pt'} at step {resumed}" in train_log, train_log[-3000:]
-    assert [m["step"] for m in read_metrics(victim_dir, "train")] == list(range(1, STEPS + 1))
+        # ---- requeued by SLURM once, after the trainer's checkpoint
+        j["restarts"] = max(j["restarts"], int(cluster.job_fields(job_id).get("Restarts", "0")))
+        assert j["restarts"] == 1, f"{kind}: {j}\n{logs[-4000:]}"
+        assert f"{sig} received: finishing the current step" in train_log, train_log[-3000:]
+        if kind == "usr2":  # submitit's handler requeued it, as a pre-emption (not a time-out)
+            assert ("passing SIGUSR2 on to the handler installed before training "
+                    "(SignalHandler.checkpoint_and_try_requeue)") in train_log, train_log[-3000:]
+            assert "Caught signal SIGUSR2" in logs and "this job is preempted" in logs, logs[-4000:]
+            assert f"Requeued job {job_id}" in logs, logs[-4000:]
 
-    # ---- the other job ran once, untouched
-    other_dir = _job_dir(sweep_dir, "0.0003")
-    assert [e["resumed_from_step"] for e in _events(other_dir, "start")] == [0]
+        # ---- resumed from the checkpoint of the step it was interrupted at, in the same run directory
+        starts = [e["resumed_from_step"] for e in _events(run_dir, "start")]
+        stops = [(e["step"], e["reason"]) for e in _events(run_dir, "stop")]
+        assert len(starts) == 2 and starts[0] == 0, (kind, starts)
+        j["resumed"] = resumed = starts[1]
+        assert resumed >= j["signalled_at_step"] > 0, (kind, resumed, j["signalled_at_step"])
+        assert resumed - j["signalled_at_step"] < 100, (kind, resumed, j["signalled_at_step"])
+        assert stops == [(resumed, f"interrupted by {sig}"), (STEPS, f"max_steps={STEPS} reached")], (kind, stops)
+        assert f"Resumed from {run_dir / 'latest.pt'} at step {resumed}" in train_log, train_log[-3000:]
+        assert [m["step"] for m in read_metrics(run_dir, "train")] == list(range(1, STEPS + 1)), kind
 
-    # ---- same final state as the uninterrupted run, bitwise
-    victim_ckpt = load(victim_dir / "latest.pt")
-    ref_ckpt = load(ref_root / "sweep" / "latest.pt")
-    assert victim_ckpt["trainer"]["step"] == STEPS
-    assert_tensors_equal(victim_ckpt["model"], ref_ckpt["model"], "model")
-    n = assert_tensors_equal(_comparable(victim_ckpt), _comparable(ref_ckpt), "checkpoint")
-    assert n > 10
+        # ---- its return value (the best val/acc) reached the sweep
+        from submitit.core.utils import pickle_load
 
-    # ---- the sweep got each job's return value (the best val/acc), the requeued one included
-    from submitit.core.utils import pickle_load
-
-    for run_dir in (victim_dir, other_dir):
-        jid = str(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.id)
-        outcome, job_return = pickle_load(sweep_dir / ".submitit" / jid / f"{jid}_0_result.pkl")
+        outcome, job_return = pickle_load(sweep_dir / ".submitit" / job_id / f"{job_id}_0_result.pkl")
         assert outcome == "success", job_return
-        best = load(run_dir / "latest.pt")["trainer"]["best_metric"]
-        assert job_return.return_value == best, (jid, job_return.return_value, best)
-        assert f"Best val/acc = {best:.6g}" in (run_dir / "train.log").read_text()
-    assert job_return.return_value is not None
-    print(f"\n[test_slurm] victim {job_id}: USR2 at step >= {signalled_at_step} ({t_signal:.0f}s), "
-          f"requeued (Restarts={restarts}, states {states}), resumed at step {resumed}; sweep done in {t_sweep:.0f}s; "
-          f"cluster {cluster.timings}")
+        j["best"] = best = load(run_dir / "latest.pt")["trainer"]["best_metric"]
+        assert best is not None and job_return.return_value == best, (kind, job_return.return_value, best)
+        assert f"Best val/acc = {best:.6g}" in train_log
+
+    # ---- the pre-empted job ends exactly where the uninterrupted one does
+    victim = load(jobs["usr2"]["dir"] / "latest.pt")
+    ref = load(ref_root / "sweep" / "latest.pt")
+    assert victim["trainer"]["step"] == STEPS
+    assert_tensors_equal(victim["model"], ref["model"], "model")
+    assert assert_tensors_equal(_comparable(victim), _comparable(ref), "checkpoint") > 10
+
+    # ---- the sweep's summary lists both jobs as completed, with their metric
+    summary = sweep_dir / "summary.tsv"
+    if summary.exists():  # written by the sweep_summary callback (conf/config.yaml)
+        rows = {r["optim.lr"]: r for r in csv.DictReader(summary.open(), delimiter="\t")}
+        for j in jobs.values():
+            assert rows[j["lr"]]["status"] == "COMPLETED", rows
+            assert abs(float(rows[j["lr"]]["val/acc"]) - j["best"]) < 1e-5, rows
+        assert "Sweep summary" in result.output, result
+
+    print(f"\n[test_slurm] cluster {cluster.timings or 'reused'}; sweep done in {t_sweep:.0f}s")
+    for kind, j in jobs.items():
+        print(f"[test_slurm] {kind}: job {j['job_id']} interrupted at step >= {j['signalled_at_step']} "
+              f"({j['t_signal']:.0f}s), states {j['states']}, Restarts={j['restarts']}, resumed at step {j['resumed']}, "
+              f"best val/acc {j['best']:.6g}")
 
 
 @pytest.mark.parametrize(("preset", "target"), [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
 def test_launcher_presets_extend_the_plugin_configs(preset, target):
     """conf/hydra/launcher/<preset>.yaml: our values on top of the plugin's submitit_slurm / submitit_local."""
-    out = subprocess.run(
-        command("pretrain.py", f"hydra/launcher={preset}", "hydra.launcher.timeout_min=7", "--cfg", "hydra",
-                "-p", "hydra.launcher"),
-        cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    cfg = OmegaConf.create(out.stdout)
-    assert cfg._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
-    assert cfg.timeout_min == 7 and cfg.tasks_per_node == 1
-    assert cfg.submitit_folder == "${hydra.sweep.dir}/.submitit/%j"  # from the plugin
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", [f"hydra/launcher={preset}", "hydra.launcher.timeout_min=7"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
+    assert launcher.timeout_min == 7 and launcher.tasks_per_node == 1
+    assert OmegaConf.to_container(launcher)["submitit_folder"] == "${hydra.sweep.dir}/.submitit/%j"  # the plugin's
     if preset == "slurm":
-        assert cfg.max_num_timeout > 0 and cfg.signal_delay_s == 120 and "partition" in cfg
+        assert launcher.max_num_timeout > 0 and launcher.signal_delay_s == 120 and launcher.partition is None
+
+
+# ----------------------------------------------------------- in this process, no cluster: the pieces it relies on
+def test_graceful_shutdown_passes_the_signal_on_to_the_handler_installed_before():
+    import os
+    import signal
+
+    from utils.signals import GracefulShutdown
+
+    calls: list[int] = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))  # submitit's place
+    try:
+        with GracefulShutdown() as shutdown:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread
+            assert shutdown.requested and shutdown.signal_name == "SIGUSR2" and calls == []
+        assert shutdown.chain_previous() is True
+        assert calls == [signal.SIGUSR2]
+        # Python's own SIGINT handler (KeyboardInterrupt) and SIG_DFL are never chained
+        with GracefulShutdown() as shutdown:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+        assert shutdown.requested and shutdown.chain_previous() is False
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
+def test_an_interrupted_fit_saves_its_checkpoint_before_passing_the_signal_on(tmp_path: Path, make_cfg):
+    """What submitit's SIGUSR2 handler sees when the trainer hands it the signal: the checkpoint is on disk."""
+    import os
+    import signal
+    import threading
+
+    import pretrain
+    from utils.trainer import TrainingInterrupted
+
+    cfg = make_cfg(tmp_path, "trainer.max_steps=100000", "trainer.eval_interval=100000")
+    run_dir = tmp_path / "ck" / "test"
+    seen: list[int] = []
+
+    def submitit_like(signum, frame):  # records the newest checkpoint's step when it is called
+        seen.append(load(run_dir / "latest.pt")["trainer"]["step"])
+
+    def send_when_training():
+        deadline = time.monotonic() + 120
+        while not read_metrics(run_dir, "train") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    before = signal.signal(signal.SIGUSR2, submitit_like)
+    sender = threading.Thread(target=send_when_training, daemon=True)
+    try:
+        sender.start()
+        with pytest.raises(TrainingInterrupted, match="interrupted by SIGUSR2"):
+            pretrain.fit(cfg)
+    finally:
+        sender.join(5)
+        signal.signal(signal.SIGUSR2, before)
+    stop = [e for e in read_metrics(run_dir, "event") if e["event"] == "stop"][-1]
+    assert seen == [stop["step"]] and stop["step"] >= 1, (seen, stop)
+
+
+def test_a_requeued_job_that_had_stopped_early_just_returns_its_metric(tmp_path: Path, make_cfg):
+    """SLURM may requeue a job after its last step: the rerun must not train on past early stopping."""
+    import pretrain
+
+    overrides = ("trainer.max_steps=200", "trainer.eval_interval=5", "trainer.early_stopping.enabled=true",
+                 "trainer.early_stopping.stop_at=0.0")  # val/acc >= 0 at the first evaluation
+    first = pretrain.fit(make_cfg(tmp_path, *overrides))
+    assert first.state.step == 5 and "reached" in first.state.stop_reason, first.state.stop_reason
+    again = pretrain.fit(make_cfg(tmp_path, *overrides))
+    assert again.state.step == 5 and again.state.stop_reason.startswith("already finished"), again.state.stop_reason
+    assert again.metric == first.metric
+    assert [m["step"] for m in read_metrics(tmp_path / "ck" / "test", "train")] == [1, 2, 3, 4, 5]

@@ -15,7 +15,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way through (after `skip` samples)."""
+    """DistributedSampler that can start an epoch part-way through (after `skip` samples).
+
+    The global batch does not depend on the number of processes. Every rank shuffles the same
+    permutation `perm` (seed + epoch) and takes the strided shard perm[rank::R] (drop_last: the tail
+    that does not divide evenly is dropped), and the loader cuts it into per-rank batches of B = G / R
+    (G = trainer.global_batch_size). So rank r's k-th batch is perm[k*G + r : (k+1)*G : R], and the
+    union over ranks of the k-th batches is perm[k*G : (k+1)*G] for any R dividing G: the same examples
+    a single process draws at step k (tests/test_distributed.py checks this and the loss curves).
+    Each epoch has floor(len / G) steps whatever R is. A resume skips `batches_in_epoch * B` samples of
+    each shard, i.e. the first `batches_in_epoch` global batches, which also holds when R changes.
+    """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from typing import Self
 
 PROGRESS_LINE = "progress_line"  # logging `extra` flag: a periodic step line the bar replaces on the console
 
@@ -40,7 +43,7 @@ class _BarAwareHandler(logging.Handler):
             return
         try:
             self.bar.write(self.format(record), file=self.original.stream)
-        except Exception:
+        except Exception:  # noqa: BLE001 - logging's own convention: report through handleError
             self.handleError(record)
 
 
@@ -56,7 +59,7 @@ class Progress:
         self.bar: Any = None
         self._swapped: list[tuple[logging.Handler, logging.Handler]] = []
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         if not self.active:
             return self
         from tqdm import tqdm
@@ -112,7 +115,7 @@ class Progress:
             self.bar.close()
             self.bar = None
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -108,7 +108,11 @@ class SweepSummary(Callback):
             "error": None if completed else f"{type(raw).__name__}: {raw}",
             "run_dir": str(job_dir),
         }
-        _write_atomic(job_dir / RESULT_FILE, json.dumps(record, indent=1) + "\n")
+        # One file per job directory, holding this sweep's jobs that ran there: two Optuna trials that draw
+        # the same parameters share a directory (the second resumes the first's finished run).
+        kept = [r for r in _read_records(job_dir / RESULT_FILE)
+                if r.get("sweep_id") == record["sweep_id"] and r.get("job_num") != record["job_num"]]
+        _write_atomic(job_dir / RESULT_FILE, json.dumps({"results": [*kept, record]}, indent=1) + "\n")
         if record["sweep_id"] is not None:  # the table so far, should the sweep not reach its end
             write_summary(Path(config.hydra.sweep.dir), record["sweep_id"], self.filename)
 
@@ -128,53 +132,61 @@ def collect_results(sweep_dir: Path, sweep_id: str | None = None) -> list[dict[s
     """Job results under `sweep_dir` (only those of `sweep_id` when given), by job number."""
     rows = []
     for path in Path(sweep_dir).glob(f"**/{RESULT_FILE}"):
-        try:
-            rec = json.loads(path.read_text("utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if sweep_id is None or rec.get("sweep_id") == sweep_id:
-            rows.append(rec)
+        rows += [r for r in _read_records(path) if sweep_id is None or r.get("sweep_id") == sweep_id]
     return sorted(rows, key=lambda r: r["job_num"])
 
 
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    try:
+        return list(json.loads(path.read_text("utf-8"))["results"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def summary_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], int | None]:
-    """(header, rows of cells, index of the best row). Columns: job, the overrides that differ between
-    jobs (all of them for a single job), the monitored metric, status, run directory."""
+    """(header, rows of cells, index of the best row) for summary.tsv. Columns: job, the overrides that
+    differ between jobs (all of them for a single job), the monitored metric (full precision), status,
+    error, run directory."""
     parsed = [dict(_split_override(o) for o in r["overrides"]) for r in rows]
     keys: list[str] = []
     for p in parsed:
         keys += [k for k in p if k not in keys]
     varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1] or (keys if len(rows) == 1 else [])
     monitors = {r.get("monitor") for r in rows}
-    value_col = str(next(iter(monitors))) if len(monitors) == 1 else "value"
-    header = ["job", *varying, value_col, *([] if len(monitors) == 1 else ["monitor"]), "status", "run_dir"]
+    one_monitor = len(monitors) == 1
+    header = ["job", *varying, str(next(iter(monitors))) if one_monitor else "value",
+              *([] if one_monitor else ["monitor"]), "status", "error", "run_dir"]
 
     best = None
-    for i, r in enumerate(rows):
-        if r["value"] is None:
-            continue
-        if best is None:
-            best = i
-            continue
-        higher = r.get("monitor_mode") == "max"
-        if (r["value"] > rows[best]["value"]) if higher else (r["value"] < rows[best]["value"]):
-            best = i
-    if len(monitors) > 1:
-        best = None  # different metrics are not comparable
+    if one_monitor:  # different metrics are not comparable
+        for i, r in enumerate(rows):
+            if r["value"] is None:
+                continue
+            higher = r.get("monitor_mode") == "max"
+            if best is None or ((r["value"] > rows[best]["value"]) if higher else (r["value"] < rows[best]["value"])):
+                best = i
 
     table = []
     for r, p in zip(rows, parsed):
-        value = "" if r["value"] is None else f"{r['value']:.6g}"
-        cells = [str(r["job_num"]), *(p.get(k, "") for k in varying), value]
-        if len(monitors) > 1:
+        cells = [str(r["job_num"]), *(p.get(k, "") for k in varying), "" if r["value"] is None else repr(r["value"])]
+        if not one_monitor:
             cells.append(str(r.get("monitor")))
-        cells += [r["status"] if not r.get("error") else f"{r['status']} ({r['error'][:60]})", r["run_dir"]]
+        error = " ".join(str(r.get("error") or "").split())  # one line, no tabs
+        cells += [r["status"], error, r["run_dir"]]
         table.append(cells)
     return header, table, best
 
 
 def format_table(header: list[str], table: list[list[str]], best: int | None, title: str) -> str:
-    shown = [row[:-1] for row in table]  # the run_dir column is in the TSV only
+    """The console view: metric to 6 significant digits, errors cut short, no run_dir column."""
+    value_col = header.index("status") - (1 if header[header.index("status") - 1] != "monitor" else 2)
+    shown = []
+    for row in table:
+        cells = list(row[:-1])
+        if cells[value_col]:
+            cells[value_col] = f"{float(cells[value_col]):.6g}"
+        cells[-1] = cells[-1][:60] + ("..." if len(cells[-1]) > 60 else "")
+        shown.append(cells)
     cols = header[:-1]
     widths = [max(len(c), *(len(r[i]) for r in shown)) for i, c in enumerate(cols)]
     lines = [title, ("  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths))).rstrip()]

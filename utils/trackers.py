@@ -77,7 +77,7 @@ def wandb_has_credentials() -> bool:
 
     try:
         return bool(wandb.login(prompt=False, verify=False))
-    except Exception as err:  # a malformed key or netrc: treat as none, say why
+    except Exception as err:  # noqa: BLE001 - a malformed key or netrc: treat as none, say why
         log.warning("W&B: could not read credentials (%s).", err)
         return False
 
@@ -123,22 +123,22 @@ class WandbTracker:
             mode = "offline"
         wb_dir = Path(run_dir) if run_dir else Path.cwd()
         wb_dir.mkdir(parents=True, exist_ok=True)
-        kwargs = dict(
-            project=project,
-            entity=entity,
-            name=name or config.get("run_name"),
-            group=group,
-            tags=[str(t) for t in tags] if tags else None,
-            notes=notes if notes is not None else config.get("notes"),
-            job_type=job_type,
-            config=config,
-            dir=str(wb_dir),
-            id=resume_id,
-            resume="allow" if resume_id else None,
-        )
+        kwargs = {
+            "project": project,
+            "entity": entity,
+            "name": name or config.get("run_name"),
+            "group": group,
+            "tags": [str(t) for t in tags] if tags else None,
+            "notes": notes if notes is not None else config.get("notes"),
+            "job_type": job_type,
+            "config": config,
+            "dir": str(wb_dir),
+            "id": resume_id,
+            "resume": "allow" if resume_id else None,
+        }
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=init_timeout), **kwargs)
-        except Exception as err:
+        except Exception as err:  # wandb raises several kinds for "server unreachable"; re-raised below if not online
             if mode != "online":
                 raise
             log.warning("W&B: could not start an online run (%s): logging OFFLINE instead.", err)

@@ -314,7 +314,8 @@ class Trainer:
         else:
             log.warning(
                 "Checkpoint written by %s processes, resuming with %s: RNG streams restart from rank 0's; "
-                "the data order is re-sharded, so the continuation is not bitwise identical.",
+                "the global batches stay the same, but per-rank randomness (dropout) and the order of "
+                "floating-point reductions change, so the continuation is not bitwise identical.",
                 ckpt.get("world_size"),
                 self.dist.world_size,
             )
