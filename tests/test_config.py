@@ -41,7 +41,7 @@ def test_default_config_has_every_group() -> None:
     for group in ("model", "loss", "optim", "schedule", "grad_filter", "data", "trainer", "logger", "paths"):
         assert group in cfg, f"the default config has no '{group}' group"
     assert cfg.model._target_ == "models.transformer.DecoderTransformer"
-    assert cfg.optim._target_ == "torch.optim.AdamW"
+    assert cfg.optim._target_ == "torch.optim.Adam"  # the Grokfast paper's coupled-L2 setting (experiment/grokking.yaml)
     assert cfg.grad_filter._target_ == "utils.grad_filters.GrokfastEMA"
     assert cfg.schedule._target_ == "utils.schedules.constant"
     assert cfg.data._target_ == "dataset.modular_arithmetic.ModularArithmeticData"

@@ -17,7 +17,15 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from tests.cli_helpers import REPO_ROOT, load, paths, read_metrics, run, run_parallel, train_steps
+from tests.cli_helpers import (
+    REPO_ROOT,
+    load,
+    paths,
+    read_metrics,
+    run,
+    run_parallel,
+    train_steps,
+)
 
 SMALL = ["debug=fast", "model.num_layers=1", "data.p=23", "trainer.device=cpu"]  # 6 steps, evaluated at 3 and 6
 GRID = ["pretrain.py", "-m", "optim.lr=1e-3,3e-4", "model.width=32,64", *SMALL]
