@@ -86,7 +86,7 @@ def all_finite(state: dict[str, torch.Tensor]) -> bool:
 
 # ------------------------------------------------------------------------------------------ default job
 def test_default_job_trains_and_fills_the_run_dir(tmp_path: Path, make_cfg) -> None:
-    cfg = make_cfg(tmp_path, "trainer.max_steps=60", "trainer.eval_interval=20", "optim.lr=0.01")
+    cfg = make_cfg(tmp_path, "trainer.max_steps=60", "trainer.eval_interval=20", "optim.lr=0.003")
     result = pretrain.fit(cfg)
     rd = run_dir(tmp_path)
 
@@ -258,7 +258,7 @@ def test_plateau_schedule_follows_the_monitored_metric(tmp_path: Path, make_cfg)
 @pytest.mark.parametrize("grad_filter", ["none", "grokfast_ema", "grokfast_ma"])
 def test_every_grad_filter_trains(tmp_path: Path, make_cfg, grad_filter: str) -> None:
     extra = ["grad_filter.window_size=5"] if grad_filter == "grokfast_ma" else []
-    cfg = make_cfg(tmp_path, f"grad_filter={grad_filter}", *extra, "optim.lr=0.01", "trainer.max_steps=40")
+    cfg = make_cfg(tmp_path, f"grad_filter={grad_filter}", *extra, "optim.lr=0.003", "trainer.max_steps=40")
     result = pretrain.fit(cfg)
     rd = run_dir(tmp_path)
     assert result.state.step == 40
