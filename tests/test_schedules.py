@@ -126,6 +126,19 @@ def test_steps_per_call_for_step_schedulers() -> None:
 
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError):
-        cosine_with_warmup(_optimizer(), total_steps=10, warmup_steps=20)
+        cosine_with_warmup(_optimizer(), total_steps=10, warmup_steps=-1)
     with pytest.raises(ValueError):
         cosine_with_warmup(_optimizer(), total_steps=10, lr_min_ratio=1.5)
+
+
+def test_warmup_longer_than_the_run_is_allowed() -> None:
+    # A shrunk run (debug=fast: 6 steps) keeps its preset's warm-up: the lr just never reaches its peak.
+    opt = _optimizer()
+    sched = constant(opt, total_steps=6, warmup_steps=10)
+    lrs = []
+    for _ in range(6):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    base = sched.base_lrs[0]
+    assert lrs == pytest.approx([base * k / 10 for k in range(1, 7)])

@@ -101,11 +101,8 @@ def _diagnostics(cluster: Cluster, sweep_dir: Path, sweep: subprocess.Popen) -> 
 
 
 def _comparable(ckpt: dict) -> dict:
-    """A checkpoint without what depends on where the run wrote (paths), and without the global RNG states:
-    a run resumed mid-epoch draws one more number from torch's global generator (the DataLoader's base seed
-    when its iterator is created) than an uninterrupted one. Nothing in this job draws from it afterwards
-    (no dropout), so weights, optimizer and filter states still match bitwise, which is what is compared."""
-    out = {k: v for k, v in ckpt.items() if k not in ("config", "rng_per_rank")}
+    """A checkpoint without what depends on where the run wrote (paths); RNG states included."""
+    out = {k: v for k, v in ckpt.items() if k != "config"}
     out["config"] = {k: v for k, v in ckpt["config"].items() if k != "paths"}
     return out
 

@@ -1,8 +1,10 @@
 """Process-group set-up and the few collective helpers the loop needs.
 
 Works the same for a plain `python pretrain.py` (one process), `torchrun --nproc_per_node=N` (reads
-RANK / WORLD_SIZE / LOCAL_RANK) and SLURM tasks started by srun (reads SLURM_PROCID / SLURM_NTASKS /
-SLURM_LOCALID when torchrun's variables are absent).
+RANK / WORLD_SIZE / LOCAL_RANK) and SLURM tasks started by srun (reads SLURM_PROCID /
+SLURM_STEP_NUM_TASKS / SLURM_LOCALID when torchrun's variables are absent). SLURM_NTASKS is not used:
+an sbatch/salloc shell sets it too, and a plain `python pretrain.py` there would wait for ranks that
+never start; SLURM_STEP_NUM_TASKS describes the srun step the process actually belongs to.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -77,10 +80,22 @@ def exit_with_torchrun_agent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _slurm_first_host() -> str:
+    """The first node of the SLURM step (rank 0 runs there); localhost on a single node."""
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist or int(os.environ.get("SLURM_STEP_NUM_NODES", os.environ.get("SLURM_NNODES", "1"))) <= 1:
+        return "127.0.0.1"
+    try:  # scontrol expands compressed lists such as node[01-04]
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0]
+
+
 def init_distributed(device_request: str = "auto", backend: str | None = None) -> DistInfo:
     """Join the process group if the environment describes one; otherwise a single process."""
     exit_with_torchrun_agent()
-    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    world_size = _env_int("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", default=1)
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     device = select_device(device_request, local_rank)
@@ -88,9 +103,10 @@ def init_distributed(device_request: str = "auto", backend: str | None = None) -
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-        if "MASTER_ADDR" not in os.environ:  # srun without torchrun: single-node rendezvous on localhost
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+        if "MASTER_ADDR" not in os.environ:  # srun without torchrun: rendezvous on the step's first node
+            os.environ["MASTER_ADDR"] = _slurm_first_host()
+            # Spread over 20000 ports by job id so two jobs sharing a node rarely collide.
+            os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
