@@ -483,26 +483,29 @@ class Trainer:
                 self.ckpt.save_named("best.pt", best)
         else:
             s.evals_without_improvement += 1
-        if es.enabled:
-            if es.stop_at is not None and (value >= es.stop_at if maximize else value <= es.stop_at):
-                s.stop_reason = f"{monitor} reached {value:.4f} (target {es.stop_at}) at step {s.step}"
-            elif s.evals_without_improvement >= es.patience:
-                s.stop_reason = (
-                    f"early stopping: {monitor} did not improve by {es.min_delta} for {es.patience} evaluations "
-                    f"(best {s.best_metric:.4f} at step {s.best_step})"
-                )
+        s.stop_reason = self._early_stop_reason(value)
+
+    def _early_stop_reason(self, value: float) -> str | None:
+        """Why to stop after an evaluation whose monitored metric is `value` (None: go on)."""
+        s, es, monitor = self.state, self.tcfg.early_stopping, self.tcfg.monitor
+        if not es.enabled:
+            return None
+        if es.stop_at is not None and (value >= es.stop_at if self.tcfg.monitor_mode == "max" else value <= es.stop_at):
+            return f"{monitor} reached {value:.4f} (target {es.stop_at}) at step {s.step}"
+        if s.evals_without_improvement >= es.patience:
+            return (
+                f"early stopping: {monitor} did not improve by {es.min_delta} for {es.patience} evaluations "
+                f"(best {s.best_metric:.4f} at step {s.best_step})"
+            )
+        return None
 
     def _already_stopped_early(self) -> str | None:
         """After resume: why the checkpointed run had stopped early, if it had (same rules as _after_eval)."""
-        s, es, monitor = self.state, self.tcfg.early_stopping, self.tcfg.monitor
-        if not (es.enabled and s.history) or s.history[-1]["step"] != s.step or monitor not in s.history[-1]:
+        s, monitor = self.state, self.tcfg.monitor
+        if not s.history or s.history[-1]["step"] != s.step or monitor not in s.history[-1]:
             return None
-        value = s.history[-1][monitor]
-        if es.stop_at is not None and (value >= es.stop_at if self.tcfg.monitor_mode == "max" else value <= es.stop_at):
-            return f"already finished: {monitor} reached {value:.4f} (target {es.stop_at}) at step {s.step}"
-        if s.evals_without_improvement >= es.patience:
-            return f"already finished: early stopping at step {s.step} (best {s.best_metric:.4f} at step {s.best_step})"
-        return None
+        reason = self._early_stop_reason(s.history[-1][monitor])
+        return f"already finished: {reason}" if reason else None
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> FitResult:
