@@ -28,8 +28,9 @@ Launcher side: the real `utils.trainer.Trainer`, built from the config composed 
 compose API and validated as pretrain.py does, with these overrides (everything else default):
 
     grad_filter=none                          the same work as the hand loop (no Grokfast filter)
+    optim=adamw                               pinned (the default group may change; optim=adam also works)
     trainer.device=<--device>                 cpu by default (the target is about CPU)
-    trainer.max_steps=W+R*N
+    trainer.max_steps=W+R*N                   (+N with --profile)
     trainer.eval_interval=10**9               no evaluation inside the timed steps (one at the end)
     trainer.checkpoint.interval=10**9         no periodic checkpoint inside the timed steps (one at the end)
     trainer.checkpoint.resume=false, trainer.early_stopping.enabled=false, trainer.eval_max_batches=1
@@ -41,7 +42,7 @@ is set, so the launcher runs as it does without a terminal (SLURM, CI): no progr
 
 Hand side: what a user writes in nanoGPT style: the model class and kwargs of the config, built after
 `torch.manual_seed(seed)` (the same initial weights as the launcher's, checked and printed);
-`torch.optim.AdamW` with the config's lr / betas / eps / weight_decay; the learning rate set by hand each
+`torch.optim.AdamW` (or Adam, as configured) with the config's lr / betas / eps / weight_decay; the learning rate set by hand each
 step with the same linear warm-up as `schedule=constant`; `F.cross_entropy`; `clip_grad_norm_`;
 `zero_grad(set_to_none=True)`; `loss.item()` printed (to a file) every `log_interval` steps. Data with
 `--hand-data loader` (default): `torch.utils.data.DataLoader(train_dataset, batch_size, shuffle=True,
@@ -276,7 +277,7 @@ class Interleaver:
         self.profile = profile
         self.profiles: dict[str, cProfile.Profile] = {}
         self.calls = 0
-        self.started = 0.0
+        self.started = self.finished = 0.0  # the timed part: first hand block to last launcher block's end
         real_step = trainer.train_step
 
         def timed_step(batch: Any) -> Any:  # the loop calls self.train_step(batch) once per step
@@ -319,6 +320,7 @@ class Interleaver:
                 return
             self.results["launcher"].append(self.clock.per_step())
             self._hand_block()  # before this launcher step runs, so outside every launcher block
+            self.finished = time.perf_counter()
             self._progress(block)
 
     def paired_ratios(self, which: int) -> list[float]:
@@ -428,10 +430,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     os.environ["TQDM_DISABLE"] = "1"  # the launcher as without a terminal: no progress bar in the timed loop
 
-    from utils.config_validation import validate_config
-
     tmp = Path(tempfile.mkdtemp(prefix="bench_overhead_"))
-    sink = open(tmp / "console.log", "w", encoding="utf-8")
+    try:
+        with open(tmp / "console.log", "w", encoding="utf-8") as sink:
+            return _measure(args, overrides, tmp, sink)
+    finally:
+        if args.keep:
+            print(f"  kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, overrides: list[str], tmp: Path, sink: io.TextIOBase) -> int:
+    from utils.config_validation import validate_config
+    from utils.trainer import TrainingInterrupted
+
     root_logger = logging.getLogger()
     try:
         total = args.warmup + (args.repeats + int(args.profile)) * args.steps
@@ -444,21 +457,19 @@ def main(argv: list[str] | None = None) -> int:
         assert inter.total_launcher_steps == total
         print(f"bench.overhead: {args.warmup} warm-up steps each, then {args.repeats} rounds: hand, launcher, hand "
               f"blocks of {args.steps} steps (consecutive rounds share a hand block) ...", flush=True)
-        trainer.fit()
-        wall = time.perf_counter() - inter.started
+        try:
+            trainer.fit()
+        except TrainingInterrupted:
+            print("bench.overhead: interrupted, no report.")
+            return 130
         if len(inter.results["launcher"]) != args.repeats or len(inter.results["hand"]) != args.repeats + 1:
             raise RuntimeError(f"fit() stopped early at step {trainer.state.step}: {trainer.state.stop_reason}")
-        report(args, trainer, hand, inter, same_init, wall)
+        report(args, trainer, hand, inter, same_init, inter.finished - inter.started)
         return 0
-    finally:
+    finally:  # the launcher's log handlers write to files inside tmp: detach them before it goes
         for handler in [h for h in root_logger.handlers if getattr(h, "_launcher", False)]:
             root_logger.removeHandler(handler)
             handler.close()
-        sink.close()
-        if args.keep:
-            print(f"  kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
