@@ -483,7 +483,7 @@ class Trainer:
                 self.ckpt.save_named("best.pt", best)
         else:
             s.evals_without_improvement += 1
-        s.stop_reason = self._early_stop_reason(value)
+        s.stop_reason = s.stop_reason or self._early_stop_reason(value)
 
     def _early_stop_reason(self, value: float) -> str | None:
         """Why to stop after an evaluation whose monitored metric is `value` (None: go on)."""
