@@ -57,6 +57,10 @@ class SumEvaluator(abc.ABC):
     @abc.abstractmethod
     def compute(self) -> dict[str, float]: ...
 
+    def _set_keys(self, logits_key: str, target_key: str, name: str, ignore_index: int) -> None:
+        """Where predictions and targets live in outputs/batch, the metric's name, the ignored label."""
+        self.logits_key, self.target_key, self.name, self.ignore_index = logits_key, target_key, name, ignore_index
+
     def _ratio(self, numerator: str, denominator: str) -> float:
         den = float(self.sums[denominator])
         # NaN rather than 0 when nothing was counted, so an empty evaluation isn't mistaken for a bad one.
@@ -84,11 +88,8 @@ class Accuracy(SumEvaluator):
     def __init__(
         self, logits_key: str = "logits", target_key: str = "target", name: str = "acc", ignore_index: int = -100
     ) -> None:
-        self.logits_key = logits_key
-        self.target_key = target_key
-        self.name = name
-        self.ignore_index = ignore_index
         super().__init__()
+        self._set_keys(logits_key, target_key, name, ignore_index)
 
     def update(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
         pred, target = _predictions_and_targets(type(self).__name__, outputs, batch, self.logits_key, self.target_key)
@@ -115,11 +116,8 @@ class ExactMatch(SumEvaluator):
         name: str = "exact_match",
         ignore_index: int = -100,
     ) -> None:
-        self.logits_key = logits_key
-        self.target_key = target_key
-        self.name = name
-        self.ignore_index = ignore_index
         super().__init__()
+        self._set_keys(logits_key, target_key, name, ignore_index)
 
     def update(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
         pred, target = _predictions_and_targets(type(self).__name__, outputs, batch, self.logits_key, self.target_key)
