@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from functools import partial
 
-import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import (
     CosineAnnealingLR,
