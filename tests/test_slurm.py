@@ -41,12 +41,14 @@ from tests.cli_helpers import (
 from tests.slurm_cluster import Cluster, slurm_cluster  # noqa: F401 - the session fixture
 
 JOB_NAME = "launcher-test"  # every job the tests submit; cancelled before and after
-STEPS = 1000
+# Long enough that the signal lands mid-run even on an idle machine (~4 ms a step there: 1000 steps were
+# over before `scontrol requeue`'s SIGTERM arrived), short enough under load (~15 ms a step).
+STEPS = 4000
 INTERRUPT_AT = 150  # interrupt a job once it has logged this many steps
 START_TIMEOUT_S = 150  # submission to both jobs at INTERRUPT_AT
-FINISH_TIMEOUT_S = 150  # from there to the end of the sweep
+FINISH_TIMEOUT_S = 300  # from there to the end of the sweep
 
-# The job: TINY (1-layer width-32 transformer, p=23, batch 64, ~15 ms a step on one core), no early stop.
+# The job: TINY (1-layer width-32 transformer, p=23, batch 64, ~4-15 ms a step on one core), no early stop.
 TRAIN = [
     *TINY,
     "trainer.device=cpu",
@@ -153,7 +155,7 @@ def test_sweep_on_slurm_is_requeued_after_preemption_and_resumes_exactly(own_job
         result = finish(sweep)
         t_sweep = time.monotonic() - t0
         assert all("job_id" in j for j in jobs.values()), f"a job ended before step {INTERRUPT_AT}: {jobs}\n{result}"
-        ref_result = finish(reference, timeout=180)
+        ref_result = finish(reference, timeout=300)
     finally:
         for proc in (sweep, reference):
             if proc is not None and proc.poll() is None:
