@@ -5,8 +5,12 @@ The contract with a family (see README, "Adding a model family"):
   A model with state carried across batches (ACT) returns it under "carry" (a dict of tensors); the
   loop feeds it back on the next training batch and stores it in checkpoints. A model that learns
   with local rules updates itself inside forward and has no trainable parameters (`optim=none`).
+  A model may also return `"metrics"`: a dict of scalar tensors logged as train/<name> (and val/<name>,
+  averaged over the validation batches), e.g. ACT's mean number of reasoning steps.
 - loss:   `loss(outputs, batch) -> {"loss": total, term: value, ...}`; a total without grad means
-  there is nothing to back-propagate (local learning) and only the metrics are logged.
+  there is nothing to back-propagate (local learning) and only the metrics are logged. A loss with
+  `weight_schedules` and `update_weights(step)` (losses.composite.CompositeLoss) has its weights set
+  from the step before every training step.
 - evaluators: accumulate over the validation set (`reset/update/sync/compute`).
 - data:   a data module with `prepare_data/setup/train_dataset/val_dataset/collate_fn/model_kwargs`.
 """
@@ -172,7 +176,13 @@ class Trainer:
         self.loss_fn = instantiate(self.cfg.loss)
         if isinstance(self.loss_fn, torch.nn.Module):
             self.loss_fn.to(self.device)
-        self.evaluators = {name: instantiate(node) for name, node in (self.cfg.evaluators or {}).items()}
+        # Loss terms whose weight follows a schedule of the step (e.g. a ponder cost ramped in).
+        self._scheduled_loss_weights = bool(getattr(self.loss_fn, "weight_schedules", None))
+        # Evaluators get the same data facts as the model, plus where to write files (ARC's submission.json).
+        eval_facts = {**facts, "run_dir": str(self.run_dir)}
+        self.evaluators = {
+            name: _instantiate_with_facts(node, eval_facts) for name, node in (self.cfg.evaluators or {}).items()
+        }
         self.ema = ModelEMA(self.model, decay=self.tcfg.ema.decay) if self.tcfg.ema.enabled else None
 
         forward_model: torch.nn.Module = self.model
@@ -355,9 +365,12 @@ class Trainer:
         component_norms: dict[str, torch.Tensor] = {}
         if self._log_step:
             self._step_tokens = token_count(batch)
+        if self._scheduled_loss_weights:
+            self.loss_fn.update_weights(self.state.step)  # a pure function of the step: resume stays exact
         with self._autocast():
             outputs = self.forward_model(batch, carry=self.carry)
-            new_carry = outputs.pop("carry", None) if isinstance(outputs, dict) else None
+            new_carry = outputs.pop("carry", None)
+            model_metrics = outputs.pop("metrics", None) or {}
             losses = self.loss_fn(outputs, batch)
         total = losses["loss"]
         learns_by_backprop = total.requires_grad
@@ -412,7 +425,11 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.model)
         # Detached: a logged loss must not keep the autograd graph alive until the next step.
-        return {"grad_norm": grad_norm, **component_norms, **{k: v.detach() for k, v in losses.items()}}
+        logged = {"grad_norm": grad_norm, **component_norms, **{k: v.detach() for k, v in losses.items()}}
+        logged.update({k: torch.as_tensor(v).detach() for k, v in model_metrics.items()})
+        if self._scheduled_loss_weights and self._log_step:
+            logged.update({f"loss_weight/{k}": torch.tensor(v) for k, v in self.loss_fn.weights.items()})
+        return logged
 
     def _zero_grad(self) -> None:
         for named in self.optimizers:
@@ -437,9 +454,11 @@ class Trainer:
             with self._autocast():
                 outputs = model(batch, carry=None)
                 outputs.pop("carry", None)
+                model_metrics = outputs.pop("metrics", None) or {}
                 losses = self.loss_fn(outputs, batch)
             n = _batch_len(batch)
-            for key, value in losses.items():
+            for key, value in {**losses, **model_metrics}.items():
+                value = torch.as_tensor(value, device=self.device)
                 sums[key] = sums.get(key, 0) + value.detach().double() * n
             count += n
             for ev in self.evaluators.values():

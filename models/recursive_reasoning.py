@@ -1,0 +1,418 @@
+"""Recursive reasoning with adaptive computation time: TRM and HRM in one configurable model.
+
+One small network is applied recursively to a latent state. Two latents are carried:
+
+* ``z_H`` — the answer-side state ("y" in TRM, the high-level state in HRM); logits are read from it;
+* ``z_L`` — the reasoning-side state ("z" in TRM, the low-level state in HRM).
+
+One *reasoning step* runs ``H_cycles`` outer cycles; each does ``L_cycles`` updates of ``z_L`` from
+``(z_L, z_H + input)`` and then one update of ``z_H`` from ``(z_H, z_L)``. Only the last part runs
+with gradients (TRM: the whole last cycle; HRM: the last L and H updates — its one-step gradient
+approximation); everything before is a no-grad fixed-point refinement.
+
+``architecture`` picks the variant (the presets in conf/model/ are just settings of this class):
+
+* ``trm``   one shared network updates both latents (Jolicoeur-Martineau 2025);
+* ``hrm``   a low-level network updates ``z_L`` and a separate high-level one ``z_H`` (Wang et al. 2025);
+* ``plain`` no recursion: ``logits = head(network(input))`` — a same-sized transformer baseline.
+
+``mixer`` picks the token mixer inside a block: ``attention`` (non-causal self-attention) or ``mlp``
+(an MLP across the sequence, TRM's attention-free variant for small fixed-size grids).
+
+ACT (adaptive computation time) with a carried state. Training does one reasoning step per batch
+("deep supervision": every step of a puzzle is supervised, the state is carried to the next batch
+detached). The carry holds the latents, the step count, halted flags and the puzzles being worked
+on. At each forward, halted rows are refilled with fresh examples of the batch and their latents
+reset; a Q-head reads ``z_H`` and predicts ``q_halt`` / ``q_continue``. A row halts when it reaches
+``halt_max_steps`` or (training) when the Q-head says so, after a random minimum number of steps with
+probability ``halt_exploration_prob``. Evaluation (``carry=None`` in eval mode) runs every row for
+``halt_max_steps`` steps. With ``supervision_steps > 1`` a training forward instead runs that many
+steps on a fresh batch (no carry), detaching between steps, and returns every step's outputs for
+``losses.reasoning.DeepSupervisionTerm``.
+
+Batches: ``inputs`` Long[B, L], ``labels`` Long[B, L] (-100 = not scored), ``puzzle_identifiers``
+Long[B]. Outputs: ``logits`` [B, L, V], ``q_halt_logits`` / ``q_continue_logits`` [B], the ``labels``
+the outputs belong to (in training these are the carried puzzles, not the batch's), ``steps``,
+``halted``, optionally ``target_q_continue``, ``step_outputs``, plus ``metrics`` and ``carry``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURES = ("trm", "hrm", "plain")
+MIXERS = ("attention", "mlp")
+POS_ENCODINGS = ("rope", "learned", "none")
+CARRY_KEYS = ("z_H", "z_L", "steps", "halted", "inputs", "labels", "puzzle_identifiers")
+
+
+def _rms_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    # Parameter-free RMSNorm, computed in float32 (as TRM/HRM do) and cast back.
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
+def _swiglu_width(width: int, expansion: float) -> int:
+    # SwiGLU keeps the parameter count of a `expansion`x MLP with 2/3 of the width, rounded up to 8.
+    inner = max(8, round(expansion * width * 2 / 3))
+    return (inner + 7) // 8 * 8
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, expansion: float) -> None:
+        super().__init__()
+        inner = _swiglu_width(width, expansion)
+        self.gate_up = nn.Linear(width, 2 * inner, bias=False)
+        self.down = nn.Linear(inner, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding tables (Su et al. 2021) for a fixed maximum length."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat([angles, angles], dim=-1)
+        # Not saved in checkpoints: recomputed from the shape.
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` [B, heads, L, head_dim]."""
+        seq = x.shape[-2]
+        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class SelfAttention(nn.Module):
+    """Non-causal multi-head self-attention (every cell of the grid sees every other)."""
+
+    def __init__(self, width: int, num_heads: int, rotary: RotaryEmbedding | None) -> None:
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"hidden_size={width} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, width = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=False)
+        return self.out(attended.transpose(1, 2).reshape(batch, seq, width))
+
+
+class SequenceMLP(nn.Module):
+    """Token mixing by an MLP across the sequence (TRM-MLP): needs a fixed sequence length."""
+
+    def __init__(self, seq_len: int, expansion: float) -> None:
+        super().__init__()
+        self.mlp = SwiGLU(seq_len, expansion)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x.transpose(1, 2)).transpose(1, 2)
+
+
+class ReasoningBlock(nn.Module):
+    """Post-norm block: x = norm(x + mix(x)); x = norm(x + mlp(x))."""
+
+    def __init__(self, width: int, num_heads: int, expansion: float, mixer: str, total_len: int, rotary: RotaryEmbedding | None) -> None:
+        super().__init__()
+        self.mix = SelfAttention(width, num_heads, rotary) if mixer == "attention" else SequenceMLP(total_len, expansion)
+        self.mlp = SwiGLU(width, expansion)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _rms_norm(x + self.mix(x))
+        return _rms_norm(x + self.mlp(x))
+
+
+class ReasoningNet(nn.Module):
+    """A stack of blocks applied to ``state + injection`` (the injection is the other latent / input)."""
+
+    def __init__(self, num_layers: int, **block_kwargs: Any) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ReasoningBlock(**block_kwargs) for _ in range(num_layers))
+
+    def forward(self, state: torch.Tensor, injection: torch.Tensor | None = None) -> torch.Tensor:
+        x = state if injection is None else state + injection
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class RecursiveReasoningModel(nn.Module):
+    """TRM / HRM / plain-transformer with ACT; see the module docstring for the recursion and the carry."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        num_puzzle_identifiers: int = 1,
+        architecture: str = "trm",
+        mixer: str = "attention",
+        pos_encodings: str = "rope",
+        hidden_size: int = 512,
+        num_heads: int = 8,
+        expansion: float = 4.0,
+        num_layers: int = 2,
+        H_layers: int | None = None,
+        H_cycles: int = 3,
+        L_cycles: int = 6,
+        puzzle_emb_ndim: int = 0,
+        halt_max_steps: int = 16,
+        halt_exploration_prob: float = 0.1,
+        halt_policy: str = "q_halt",
+        bootstrap_q_continue: bool = False,
+        supervision_steps: int = 1,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        for name, value, allowed in (
+            ("architecture", architecture, ARCHITECTURES),
+            ("mixer", mixer, MIXERS),
+            ("pos_encodings", pos_encodings, POS_ENCODINGS),
+            ("halt_policy", halt_policy, ("q_halt", "q_halt_vs_continue")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"model.{name} must be one of {list(allowed)}, got {value!r}")
+        for name, value in (("H_cycles", H_cycles), ("L_cycles", L_cycles), ("halt_max_steps", halt_max_steps),
+                            ("num_layers", num_layers), ("supervision_steps", supervision_steps)):
+            if value < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {value}")
+        if not 0.0 <= halt_exploration_prob <= 1.0:
+            raise ValueError(f"model.halt_exploration_prob must be in [0, 1], got {halt_exploration_prob}")
+        if supervision_steps > halt_max_steps:
+            raise ValueError(f"model.supervision_steps={supervision_steps} exceeds halt_max_steps={halt_max_steps}")
+        if architecture == "plain" and halt_max_steps != 1:
+            raise ValueError("model.architecture=plain has no recurrent state to refine: set model.halt_max_steps=1")
+        if bootstrap_q_continue and halt_policy == "q_halt":
+            # TRM drops Q-continue; the bootstrapped target only makes sense when the policy uses it (HRM).
+            raise ValueError("model.bootstrap_q_continue=true needs model.halt_policy=q_halt_vs_continue")
+
+        self.architecture, self.mixer = architecture, mixer
+        self.vocab_size, self.seq_len, self.hidden_size = vocab_size, seq_len, hidden_size
+        self.H_cycles, self.L_cycles = H_cycles, L_cycles
+        self.halt_max_steps, self.halt_exploration_prob = halt_max_steps, halt_exploration_prob
+        self.halt_policy, self.bootstrap_q_continue = halt_policy, bootstrap_q_continue
+        self.supervision_steps = supervision_steps
+
+        # Puzzle embeddings occupy `puzzle_emb_len` prefix positions (zero-initialised, as in TRM, so an
+        # unseen puzzle starts neutral). Trained by their own optimizer (optim.components.puzzle_emb).
+        self.puzzle_emb_len = math.ceil(puzzle_emb_ndim / hidden_size) if puzzle_emb_ndim > 0 else 0
+        self.puzzle_emb: nn.Embedding | None = None
+        if puzzle_emb_ndim > 0:
+            self.puzzle_emb = nn.Embedding(max(num_puzzle_identifiers, 1), puzzle_emb_ndim)
+            nn.init.zeros_(self.puzzle_emb.weight)
+        total_len = seq_len + self.puzzle_emb_len
+
+        self.embed_scale = math.sqrt(hidden_size)
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        _trunc_normal_(self.embed_tokens.weight, std=1.0 / self.embed_scale)
+        self.embed_pos = None
+        if pos_encodings == "learned":
+            self.embed_pos = nn.Parameter(_trunc_normal_(torch.empty(total_len, hidden_size), std=1.0 / self.embed_scale))
+        rotary = None
+        if pos_encodings == "rope" and mixer == "attention":
+            rotary = RotaryEmbedding(hidden_size // num_heads, total_len, base=rope_base)
+
+        block = dict(width=hidden_size, num_heads=num_heads, expansion=expansion, mixer=mixer, total_len=total_len, rotary=rotary)
+        self.L_net = ReasoningNet(num_layers, **block)
+        self.H_net = ReasoningNet(H_layers or num_layers, **block) if architecture == "hrm" else None
+
+        self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.q_head = nn.Linear(hidden_size, 2, bias=True)
+        # Start by almost never halting (sigmoid(-5) ~ 0.7%), so early training explores all steps (as TRM/HRM).
+        with torch.no_grad():
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5.0)
+        # Initial latents: fixed random vectors (buffers, saved with the weights).
+        self.register_buffer("H_init", _trunc_normal_(torch.empty(hidden_size), std=1.0))
+        self.register_buffer("L_init", _trunc_normal_(torch.empty(hidden_size), std=1.0))
+
+    # ------------------------------------------------------------------ the network
+    def embed(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(inputs)
+        if self.puzzle_emb is not None:
+            prefix = self.puzzle_emb(puzzle_identifiers)
+            pad = self.puzzle_emb_len * self.hidden_size - prefix.shape[-1]
+            prefix = F.pad(prefix, (0, pad)).view(-1, self.puzzle_emb_len, self.hidden_size)
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        if self.embed_pos is not None:
+            x = 0.707106781 * (x + self.embed_pos)  # keeps the variance of the sum at that of each part
+        return self.embed_scale * x
+
+    def _update_H(self, z_H: torch.Tensor, z_L: torch.Tensor) -> torch.Tensor:
+        net = self.H_net if self.H_net is not None else self.L_net
+        return net(z_H, z_L)
+
+    def recurse(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One reasoning step (H_cycles x (L_cycles + 1) network calls); gradients flow through the last part only."""
+        if self.architecture == "plain":
+            return self.L_net(x), z_L
+        H, L = self.H_cycles, self.L_cycles
+        # TRM back-propagates through its whole last cycle; HRM through its last L and last H update only.
+        grad_L_updates = L if self.architecture == "trm" else 1
+        with torch.no_grad():
+            for h in range(H):
+                last_cycle = h == H - 1
+                no_grad_L = L - grad_L_updates if last_cycle else L
+                for _ in range(no_grad_L):
+                    z_L = self.L_net(z_L, z_H + x)
+                if not last_cycle:
+                    z_H = self._update_H(z_H, z_L)
+        for _ in range(grad_L_updates):
+            z_L = self.L_net(z_L, z_H + x)
+        z_H = self._update_H(z_H, z_L)
+        return z_H, z_L
+
+    def heads(self, z_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.lm_head(z_H[:, self.puzzle_emb_len:])
+        q = self.q_head(z_H[:, 0]).float()
+        return logits, q[:, 0], q[:, 1]
+
+    # ------------------------------------------------------------------ ACT
+    def initial_carry(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A carry whose rows are all halted, so the next step loads every row from the batch."""
+        inputs = batch["inputs"]
+        rows, device = inputs.shape[0], inputs.device
+        shape = (rows, self.seq_len + self.puzzle_emb_len, self.hidden_size)
+        return {
+            "z_H": self.H_init.expand(shape).clone(),
+            "z_L": self.L_init.expand(shape).clone(),
+            "steps": torch.zeros(rows, dtype=torch.long, device=device),
+            "halted": torch.ones(rows, dtype=torch.bool, device=device),
+            "inputs": torch.zeros_like(inputs),
+            "labels": torch.zeros_like(batch["labels"]),
+            "puzzle_identifiers": torch.zeros_like(_puzzle_ids(batch)),
+        }
+
+    def _carry_matches(self, carry: Any, batch: dict[str, torch.Tensor]) -> bool:
+        if not isinstance(carry, dict) or any(k not in carry for k in CARRY_KEYS):
+            return False
+        expected = (batch["inputs"].shape[0], self.seq_len + self.puzzle_emb_len, self.hidden_size)
+        return tuple(carry["z_H"].shape) == expected and carry["inputs"].shape == batch["inputs"].shape
+
+    def act_step(self, carry: dict[str, torch.Tensor], batch: dict[str, torch.Tensor] | None) -> tuple[dict, dict]:
+        """Refill halted rows from ``batch`` (if given), run one reasoning step, decide who halts."""
+        if batch is not None:
+            reset = carry["halted"]
+            row = reset.view(-1, 1)
+            z_H = torch.where(row.unsqueeze(-1), self.H_init.to(carry["z_H"].dtype), carry["z_H"])
+            z_L = torch.where(row.unsqueeze(-1), self.L_init.to(carry["z_L"].dtype), carry["z_L"])
+            steps = torch.where(reset, torch.zeros_like(carry["steps"]), carry["steps"])
+            inputs = torch.where(row, batch["inputs"], carry["inputs"])
+            labels = torch.where(row, batch["labels"], carry["labels"])
+            ids = torch.where(reset, _puzzle_ids(batch), carry["puzzle_identifiers"])
+        else:
+            z_H, z_L, steps = carry["z_H"], carry["z_L"], carry["steps"]
+            inputs, labels, ids = carry["inputs"], carry["labels"], carry["puzzle_identifiers"]
+
+        x = self.embed(inputs, ids)
+        z_H, z_L = self.recurse(z_H, z_L, x)
+        logits, q_halt, q_continue = self.heads(z_H)
+        steps = steps + 1
+        outputs: dict[str, Any] = {"logits": logits, "q_halt_logits": q_halt, "q_continue_logits": q_continue, "labels": labels}
+
+        with torch.no_grad():
+            is_last = steps >= self.halt_max_steps
+            halted = is_last
+            if self.training and self.halt_max_steps > 1:
+                wants_halt = q_halt > 0 if self.halt_policy == "q_halt" else q_halt > q_continue
+                halted = halted | wants_halt
+                # Exploration: with some probability a row must run a random minimum number of steps,
+                # so the Q-head also sees (and learns the value of) longer computations.
+                explore = torch.rand_like(q_halt) < self.halt_exploration_prob
+                min_steps = torch.randint_like(steps, 2, self.halt_max_steps + 1) * explore
+                halted = halted & (steps >= min_steps)
+                if self.bootstrap_q_continue:
+                    # DQN-style target for "continue": the value of the best action at the next step.
+                    next_H, _ = self.recurse(z_H, z_L, x)
+                    _, next_halt, next_continue = self.heads(next_H)
+                    target = torch.where(is_last, next_halt, torch.maximum(next_halt, next_continue))
+                    outputs["target_q_continue"] = torch.sigmoid(target)
+        outputs["steps"], outputs["halted"] = steps, halted
+        new_carry = {"z_H": z_H, "z_L": z_L, "steps": steps, "halted": halted, "inputs": inputs, "labels": labels, "puzzle_identifiers": ids}
+        return new_carry, outputs
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, torch.Tensor], carry: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        if not self.training:
+            return self._evaluate(batch)
+        if self.supervision_steps > 1:
+            return self._deep_supervision(batch)
+        if not self._carry_matches(carry, batch):
+            carry = self.initial_carry(batch)  # first batch, or the batch size changed
+        new_carry, outputs = self.act_step(carry, batch)
+        outputs["metrics"] = self._halted_metrics(outputs)
+        outputs["carry"] = new_carry
+        return outputs
+
+    def _evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        carry = self.initial_carry(batch)
+        carry, outputs = self.act_step(carry, batch)
+        for _ in range(self.halt_max_steps - 1):
+            carry, outputs = self.act_step(carry, None)
+        outputs["metrics"] = {"act/q_halt_acc": _q_halt_accuracy(outputs)}
+        return outputs
+
+    def _deep_supervision(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        carry = self.initial_carry(batch)
+        step_outputs = []
+        for step in range(self.supervision_steps):
+            carry, outputs = self.act_step(carry, batch if step == 0 else None)
+            step_outputs.append(outputs)
+            carry = {k: v.detach() for k, v in carry.items()}  # each step is supervised on its own
+        last = dict(step_outputs[-1])
+        last["step_outputs"] = step_outputs
+        last["metrics"] = {"act/q_halt_acc": _q_halt_accuracy(last)}
+        return last
+
+    def _halted_metrics(self, outputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Train metrics over the rows that finished at this step (TRM logs the same)."""
+        with torch.no_grad():
+            halted = outputs["halted"]
+            count = halted.sum().clamp(min=1)
+            correct = _rows_correct(outputs["logits"], outputs["labels"])
+            return {
+                "act/halted_frac": halted.float().mean(),
+                "act/steps": (outputs["steps"] * halted).sum() / count,
+                "act/halted_exact_acc": (correct & halted).sum() / count,
+                "act/q_halt_acc": _q_halt_accuracy(outputs),
+            }
+
+
+def _puzzle_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    ids = batch.get("puzzle_identifiers")
+    if ids is None:
+        return torch.zeros(batch["inputs"].shape[0], dtype=torch.long, device=batch["inputs"].device)
+    return ids
+
+
+def _rows_correct(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    scored = labels != ignore_index
+    return ((logits.argmax(-1) == labels) | ~scored).all(dim=-1)
+
+
+def _q_halt_accuracy(outputs: dict[str, Any]) -> torch.Tensor:
+    """How often ``q_halt > 0`` agrees with "the answer is exactly right"."""
+    with torch.no_grad():
+        correct = _rows_correct(outputs["logits"], outputs["labels"])
+        return ((outputs["q_halt_logits"] > 0) == correct).float().mean()
