@@ -237,13 +237,15 @@ class Trainer:
     def checkpoint_state(self) -> dict[str, Any]:
         model_state = self.model.state_dict()
         assert_finite_state(model_state, "model weights")
-        rng = capture_rng_state()
-        if dist.is_initialized():  # every rank's RNG, so each resumes its own stream
+        # Every rank's RNG stream and carried state (each rank carries its own rows), so each resumes its own.
+        local = {"rng": capture_rng_state(), "carry": _to_device(self.carry, torch.device("cpu"))}
+        if dist.is_initialized():
             gathered: list[Any] = [None] * self.dist.world_size
-            dist.all_gather_object(gathered, rng)
-            rng_per_rank = gathered
+            dist.all_gather_object(gathered, local)
         else:
-            rng_per_rank = [rng]
+            gathered = [local]
+        rng_per_rank = [g["rng"] for g in gathered]
+        carry_per_rank = [g["carry"] for g in gathered]
         s = self.state
         return {
             "format": CHECKPOINT_FORMAT,
@@ -255,7 +257,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "grad_filter": self.grad_filter.state_dict(),
             "loss": self.loss_fn.state_dict() if isinstance(self.loss_fn, torch.nn.Module) else {},
-            "carry": self.carry,
+            "carry_per_rank": carry_per_rank,
             "rng_per_rank": rng_per_rank,
             "world_size": self.dist.world_size,
             "trainer": {
@@ -305,7 +307,14 @@ class Trainer:
         self.grad_filter.load_state_dict(ckpt["grad_filter"])
         if isinstance(self.loss_fn, torch.nn.Module) and ckpt.get("loss"):
             self.loss_fn.load_state_dict(ckpt["loss"])
-        self.carry = _to_device(ckpt.get("carry"), self.device)
+        carries = ckpt.get("carry_per_rank") or []
+        if len(carries) == self.dist.world_size:
+            self.carry = _to_device(carries[self.dist.rank], self.device)
+        else:
+            self.carry = None
+            if any(c is not None for c in carries):
+                log.warning("The checkpoint's carried state is for %d processes, this run has %d: starting from a fresh carry.",
+                            len(carries), self.dist.world_size)
         t = ckpt["trainer"]
         self.state = TrainState(
             step=t["step"],
