@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: train test test-all bench-overhead bench-grokfast clean-venv
+.PHONY: train test test-all bench-overhead bench-grokfast bench-trm-sudoku clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench-overhead: $(VENV)/.installed
 
 bench-grokfast: $(VENV)/.installed
 	$(BIN)/python -m bench.grokfast $(ARGS)
+
+bench-trm-sudoku: $(VENV)/.installed
+	$(BIN)/python -m bench.trm_sudoku $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

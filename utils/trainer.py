@@ -153,12 +153,9 @@ class Trainer:
                 f"The training set has {len(self.data.train_dataset)} examples, fewer than "
                 f"trainer.global_batch_size={self.tcfg.global_batch_size}; lower the batch size."
             )
-        self.train_sampler = ResumableDistributedSampler(self.data.train_dataset, world, self.dist.rank, cfg.seed)
+        self._make_train_loader()
         pin = self.device.type == "cuda"
         collate = getattr(self.data, "collate_fn", None)
-        self.train_loader = make_loader(
-            self.data.train_dataset, self.train_sampler, self.batch_size, collate, self.tcfg.num_workers, True, pin
-        )
         val_sampler = ShardSampler(self.data.val_dataset, world, self.dist.rank)
         self.val_loader = make_loader(
             self.data.val_dataset,
@@ -169,6 +166,39 @@ class Trainer:
             False,
             pin,
         )
+
+    def _make_train_loader(self) -> None:
+        self.train_sampler = ResumableDistributedSampler(
+            self.data.train_dataset, self.dist.world_size, self.dist.rank, self.cfg.seed
+        )
+        self.train_loader = make_loader(
+            self.data.train_dataset,
+            self.train_sampler,
+            self.batch_size,
+            getattr(self.data, "collate_fn", None),
+            self.tcfg.num_workers,
+            True,
+            self.device.type == "cuda",
+        )
+
+    def _refresh_data(self, epoch: int) -> None:
+        """Let a growing dataset (a streaming builder still writing shards) take in new data at an epoch start.
+
+        The data module's `refresh(epoch, sync)` decides, deterministically from its own checkpointed state,
+        what the epoch trains on, and returns True when its train set changed; `sync` makes every rank use
+        rank 0's view of how much data is available.
+        """
+        refresh = getattr(self.data, "refresh", None)
+        if refresh is not None and refresh(epoch, sync=self._rank0_value):
+            self._make_train_loader()
+
+    def _rank0_value(self, value: int) -> int:
+        if not dist.is_initialized():
+            return value
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        packed = torch.tensor([value], dtype=torch.long, device=device)
+        dist.broadcast(packed, src=0)
+        return int(packed.item())
 
     def _build_model(self) -> None:
         facts = self.data.model_kwargs() if hasattr(self.data, "model_kwargs") else {}
@@ -258,6 +288,7 @@ class Trainer:
             "grad_filter": self.grad_filter.state_dict(),
             "loss": self.loss_fn.state_dict() if isinstance(self.loss_fn, torch.nn.Module) else {},
             "carry_per_rank": carry_per_rank,
+            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
             "rng_per_rank": rng_per_rank,
             "world_size": self.dist.world_size,
             "trainer": {
@@ -307,6 +338,8 @@ class Trainer:
         self.grad_filter.load_state_dict(ckpt["grad_filter"])
         if isinstance(self.loss_fn, torch.nn.Module) and ckpt.get("loss"):
             self.loss_fn.load_state_dict(ckpt["loss"])
+        if hasattr(self.data, "load_state_dict") and ckpt.get("data") is not None:
+            self.data.load_state_dict(ckpt["data"])  # e.g. how many streamed shards the current epoch uses
         carries = ckpt.get("carry_per_rank") or []
         if len(carries) == self.dist.world_size:
             self.carry = _to_device(carries[self.dist.rank], self.device)
@@ -565,6 +598,7 @@ class Trainer:
         max_steps, ckpt_interval = int(t.max_steps), int(t.checkpoint.interval)
         with GracefulShutdown() as shutdown, anomaly, self.progress:
             while s.stop_reason is None:
+                self._refresh_data(s.epoch)
                 self.train_sampler.start_epoch(s.epoch, s.batches_in_epoch * self.batch_size)
                 for batch in self.train_loader:
                     batch = _to_device(batch, self.device)
