@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
                 log.info("--fresh: moved the previous run to %s", move_aside(run_dir))
             elif single_run:
                 report_resume(run_dir)
-            prepare_dataset(job_cfg, rebuild=args.rebuild_dataset, incremental=not args.no_incremental)
+            # --dataset-only waits for the whole dataset: a streaming builder would otherwise return at its first shard
+            incremental = not (args.no_incremental or args.dataset_only)
+            prepare_dataset(job_cfg, rebuild=args.rebuild_dataset, incremental=incremental)
             if args.dataset_only:
                 log.info("--dataset-only: dataset ready, not training.")
                 return
