@@ -74,6 +74,18 @@ class CheckpointConf:
 
 
 @dataclass
+class GradMonitorConf:
+    """Per-layer gradient norms with vanishing/exploding flags (utils/grad_monitor.py), on logging steps."""
+
+    enabled: bool = False
+    vanishing_threshold: float = 1e-7
+    exploding_threshold: float = 1e3
+    history_size: int = 100  # norms kept per layer
+    cleanup_interval: int = 1000  # steps between freeing the history and the cached layer list
+    warn_interval: int = 100  # at most one warning per this many steps
+
+
+@dataclass
 class TrainerConf:
     max_steps: int = 1000
     max_epochs: Optional[int] = None  # stop after this many passes over the train set (whichever comes first)
@@ -87,6 +99,7 @@ class TrainerConf:
     early_stopping: EarlyStoppingConf = field(default_factory=EarlyStoppingConf)
     ema: EMAConf = field(default_factory=EMAConf)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    grad_monitor: GradMonitorConf = field(default_factory=GradMonitorConf)
     grad_clip: Optional[float] = 1.0  # max total grad norm; null disables
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a GradScaler, GPU only)
     compile: bool = False

@@ -38,6 +38,7 @@ from utils.data_loading import ResumableDistributedSampler, ShardSampler, make_l
 from utils.distributed import DistInfo, all_reduce_mean, any_rank, barrier
 from utils.ema import ModelEMA
 from utils.grad_filters import NoFilter
+from utils.grad_monitor import GradientMonitor
 from utils.optim import build_optimizers
 from utils.plots import FigureMaker
 from utils.progress import PROGRESS_LINE, Progress, peak_memory_mib, token_count
@@ -236,6 +237,12 @@ class Trainer:
             self.schedulers[named.name] = factory(named.optimizer, total_steps=self.tcfg.max_steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.grad_filter = instantiate(self.cfg.grad_filter) if self.cfg.grad_filter is not None else NoFilter()
+        gm = self.tcfg.grad_monitor
+        self.grad_monitor = (
+            GradientMonitor(gm.vanishing_threshold, gm.exploding_threshold, gm.history_size, gm.cleanup_interval,
+                            warn_interval=gm.warn_interval)
+            if gm.enabled else None
+        )
 
         precision = self.tcfg.precision
         if precision == "fp16" and self.device.type != "cuda":
@@ -286,6 +293,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "grad_filter": self.grad_filter.state_dict(),
+            "grad_monitor": self.grad_monitor.state_dict() if self.grad_monitor is not None else None,
             "loss": self.loss_fn.state_dict() if isinstance(self.loss_fn, torch.nn.Module) else {},
             "carry_per_rank": carry_per_rank,
             "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
@@ -336,6 +344,8 @@ class Trainer:
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
         self.grad_filter.load_state_dict(ckpt["grad_filter"])
+        if self.grad_monitor is not None and ckpt.get("grad_monitor") is not None:
+            self.grad_monitor.load_state_dict(ckpt["grad_monitor"])
         if isinstance(self.loss_fn, torch.nn.Module) and ckpt.get("loss"):
             self.loss_fn.load_state_dict(ckpt["loss"])
         if hasattr(self.data, "load_state_dict") and ckpt.get("data") is not None:
@@ -405,6 +415,7 @@ class Trainer:
     def train_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
         """Forward, backward, filter, clip, step. Returns metrics, or None when the step was skipped."""
         component_norms: dict[str, torch.Tensor] = {}
+        monitor_metrics: dict[str, float] = {}
         if self._log_step:
             self._step_tokens = token_count(batch)
         if self._scheduled_loss_weights:
@@ -424,6 +435,8 @@ class Trainer:
             grad_norm = _total_norm(self.params)
             if self._log_step:  # logging steps only: per top-level submodule, measured like the total
                 component_norms = _component_grad_norms(self.model)
+                if self.grad_monitor is not None:  # per layer, before clipping: what backward produced
+                    monitor_metrics = self.grad_monitor.observe(self.model, self.state.step + 1)
         # One host sync per step: the non-finite guard must decide before any state changes.
         finite = bool(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))
         if not finite:
@@ -468,6 +481,7 @@ class Trainer:
                 self.ema.update(self.model)
         # Detached: a logged loss must not keep the autograd graph alive until the next step.
         logged = {"grad_norm": grad_norm, **component_norms, **{k: v.detach() for k, v in losses.items()}}
+        logged.update({k: torch.tensor(v) for k, v in monitor_metrics.items()})
         logged.update({k: torch.as_tensor(v).detach() for k, v in model_metrics.items()})
         if self._scheduled_loss_weights and self._log_step:
             logged.update({f"loss_weight/{k}": torch.tensor(v) for k, v in self.loss_fn.weights.items()})
