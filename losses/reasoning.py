@@ -30,7 +30,9 @@ def _get(outputs: dict[str, Any], batch: dict[str, Any], key: str) -> torch.Tens
 def _stablemax_transform(x: torch.Tensor) -> torch.Tensor:
     # s(x) = x + 1 for x >= 0, 1 / (1 - x) below: positive, monotone, but only linear growth, so
     # confident logits cannot blow up the way exp does ("softmax collapse", Prieto et al. 2025).
-    return torch.where(x >= 0, x + 1, 1 / (1 - x))
+    # Each branch only sees its own half: torch.where back-propagates into both, and 1 / (1 - x) at
+    # x = 1 (common with bf16 logits) would turn the discarded branch's inf into a NaN gradient.
+    return torch.where(x >= 0, x.clamp(min=0) + 1, 1 / (1 - x.clamp(max=0)))
 
 
 def log_stablemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:

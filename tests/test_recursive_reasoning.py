@@ -185,6 +185,12 @@ def test_stablemax_cross_entropy_by_hand():
     assert term({"logits": logits}, {"labels": labels}).item() == pytest.approx(-math.log(2 / 3.5), rel=1e-6)
 
 
+def test_stablemax_gradient_is_finite_where_the_unused_branch_divides_by_zero():
+    logits = torch.tensor([[[1.0, 0.0, -2.0]]], requires_grad=True)  # 1 / (1 - x) is inf at x = 1
+    stablemax_cross_entropy(logits, torch.tensor([[0]])).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_token_cross_entropy_averages_per_row_then_over_rows():
     logits = torch.zeros(2, 3, 4)
     labels = torch.tensor([[0, 1, 2], [3, -100, -100]])
