@@ -7,14 +7,15 @@ A builder walks its examples in a fixed, deterministic order and writes them to 
                                           (rows in order); those batch files are then deleted. The
                                           final group may hold fewer batches.
     manifest.json                         progress and identity of the build (below)
+    arc_tasks.json                        (builders with ARC) the task list rows' ``task_index`` points into
     builder.log                           the background builder's output
     .builder.lock                         ``fcntl.flock``-ed (exclusive) by the builder while it runs
 
-Every ``.pt`` file and the manifest are written as ``<name>.<pid>.tmp`` + fsync + ``os.replace`` + fsync
+Every ``.pt`` file, the manifest and ``arc_tasks.json`` are written as ``<name>.<pid>.tmp`` + fsync + ``os.replace`` + fsync
 of the directory, so a visible file is always complete. ``manifest.json`` is rewritten after every file:
 
     {
-      "format": 1,
+      "format": 2,
       "builder": "dataset.streaming.VisionUnifiedBuilder",
       "params": {...}, "params_hash": "<sha256 of params>",   # config that defines the content
       "sources": {...},                                       # fingerprint of the source files
@@ -38,6 +39,8 @@ SIGTERM / SIGINT let the current file and manifest update finish, then the build
 
 A dataset directory whose manifest ``params_hash`` differs from the config is refused with a message
 telling to use ``--rebuild-dataset``; so is resuming an incomplete build whose source files changed.
+The params include ``format`` (``FORMAT_VERSION``), so a directory written by an older format (e.g.
+format 1, rows without ``task_index`` / ``test_index``) is refused the same way ("differing: format").
 
 ``VisionUnifiedBuilder`` (the seed's "vision_unified" pipeline) renders a context (text, code or an
 ARC grid) to an image and stores the target as byte tokens; see its docstring. CLI:
@@ -73,7 +76,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dataset.arc import file_sha256, load_subset, subset_files
+from dataset.arc import ArcTask, file_sha256, load_subset, subset_files
 from dataset.story_generator import STORY_SEPARATOR, write_stories
 from dataset.text_renderer import render_grid, render_grid_panel, render_text
 from utils.config_validation import ConfigError
@@ -81,8 +84,10 @@ from utils.config_validation import ConfigError
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FORMAT_VERSION = 1
+# 2: rows gained ``task_index`` / ``test_index`` and ARC builds write arc_tasks.json.
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
+ARC_TASKS_FILE = "arc_tasks.json"
 LOCK_FILE = ".builder.lock"
 LOG_FILE = "builder.log"
 STORIES_DIR = "stories"
@@ -373,6 +378,10 @@ class StreamingDatasetBuilder(abc.ABC):
         ``fresh`` is True when the build starts from nothing (no manifest), False when it resumes.
         """
 
+    def write_metadata(self) -> None:
+        """Write side files describing the content (under the lock, after the source check, before the
+        first batch; again on every resume, so they must be deterministic). Written atomically."""
+
     def source_fingerprint(self) -> dict[str, Any]:
         """A JSON-able digest of the source files; a resumed incomplete build requires it unchanged."""
         return {}
@@ -462,6 +471,7 @@ class StreamingDatasetBuilder(abc.ABC):
             )
         self._remove_strays(manifest)
         atomic_write_json(self.manifest_path, manifest)
+        self.write_metadata()
 
         def check_signal() -> None:  # after every completed file (and manifest update)
             if stop["signum"] is not None:
@@ -606,7 +616,9 @@ class Example:
     """One vision_unified example before rendering.
 
     ``context`` is the text to render, or for ARC a tuple of (input, output-or-None) grids (one row of
-    the panel each). ``target`` is the token list before padding (bytes + 2, maybe EOS).
+    the panel each). ``target`` is the token list before padding (bytes + 2, maybe EOS). ARC only:
+    ``task_index`` (into arc_tasks.json) and ``test_index`` (which test input; -1 for a demonstration
+    pair); both -1 for the other sources.
     """
 
     source: str
@@ -614,6 +626,8 @@ class Example:
     context: str | tuple[tuple[np.ndarray, np.ndarray | None], ...]
     target: tuple[int, ...]
     is_val: bool
+    task_index: int = -1
+    test_index: int = -1
 
 
 def target_tokens(content: bytes, ended: bool, target_len: int) -> tuple[int, ...]:
@@ -716,7 +730,16 @@ class VisionUnifiedBuilder(StreamingDatasetBuilder):
     the sources live).
 
     Rows: ``images`` uint8 [N, 1, H, W] (0..255; or ``capsules`` float16 [N, K, D] when pre-encoding),
-    ``target`` int64 [N, target_len], ``source`` int64 [N] (0 arc, 1 text, 2 code), ``is_val`` bool [N].
+    ``target`` int64 [N, target_len], ``source`` int64 [N] (0 arc, 1 text, 2 code), ``is_val`` bool [N],
+    ``task_index`` int64 [N] (ARC: index of the task in ``arc_tasks.json``; -1 for other sources) and
+    ``test_index`` int64 [N] (ARC: which test input of the task; -1 for demonstration pairs and other
+    sources). For the ARC scorer (``utils.arc_evaluator.MultimodalArcEvaluator``).
+
+    ``arc_tasks.json`` (written when ARC is a source): ``{"format": 2, "tasks": [{"id", "subset",
+    "num_test", "eval"}, ...]}``, the tasks of every subset sorted by (id, subset), in ``task_index``
+    order; ``num_test`` counts the task's test inputs that appear as rows (fewer than the task has
+    when ``max_examples`` cuts the build short), ``eval`` is True for a held-out task (its rows are
+    ``is_val``). A task id must be unique across ``arc_subsets``.
 
     Pre-encoding (``encoder_factory`` set): images go through a frozen encoder, a module mapping float
     images [B, 1, H, W] in [0, 1] to [B, num_capsules, D], built by ``encoder_factory(**encoder_kwargs)``
@@ -974,12 +997,46 @@ class VisionUnifiedBuilder(StreamingDatasetBuilder):
                     yield example
             streams = alive
 
-    def _arc_examples(self) -> Iterator[Example]:
+    def _arc_tasks(self) -> tuple[list[ArcTask], dict[tuple[str, str], int]]:
+        """(tasks in subset order, then sorted ids; (subset, id) -> task index in (id, subset) order)."""
         assert self.arc_dir is not None
         tasks = [t for s in self.arc_subsets for t in load_subset(self.arc_dir, s, self.arc_max_tasks)]
+        ordered = sorted(tasks, key=lambda t: (t.task_id, t.subset))
+        dup = sorted({a.task_id for a, b in itertools.pairwise(ordered) if a.task_id == b.task_id})
+        if dup:
+            raise StreamingDatasetError(
+                f"ARC task ids {dup[:5]} occur in more than one of arc_subsets={self.arc_subsets}; the ARC "
+                "scorer and submission.json name tasks by id: list each subset once"
+            )
+        return tasks, {(t.subset, t.task_id): i for i, t in enumerate(ordered)}
+
+    def write_metadata(self) -> None:
+        """``arc_tasks.json`` (class docstring) when ARC is a source."""
+        if self.arc_dir is None:
+            return
+        tasks, index = self._arc_tasks()
+        ordered = sorted(tasks, key=lambda t: index[(t.subset, t.task_id)])
+        if self.max_examples is None:
+            num_test = [len(t.test_inputs) for t in ordered]
+        else:  # the test inputs among the first max_examples examples (iterating does not render)
+            num_test = [0] * len(ordered)
+            for ex in itertools.islice(self.iter_examples(), self.max_examples):
+                if ex.test_index >= 0:
+                    num_test[ex.task_index] = max(num_test[ex.task_index], ex.test_index + 1)
+        atomic_write_json(self.root / ARC_TASKS_FILE, {
+            "format": FORMAT_VERSION,
+            "tasks": [
+                {"id": t.task_id, "subset": t.subset, "num_test": n, "eval": self._is_val(f"arc:{t.subset}:{t.task_id}")}
+                for t, n in zip(ordered, num_test)
+            ],
+        })
+
+    def _arc_examples(self) -> Iterator[Example]:
+        tasks, index = self._arc_tasks()
         for task in self._shuffled(tasks, "arc"):
             doc_id = f"arc:{task.subset}:{task.task_id}"
             is_val = self._is_val(doc_id)
+            task_index = index[(task.subset, task.task_id)]
             pairs = list(task.train) + list(zip(task.test_inputs, task.test_outputs))
             for j, (x, y) in enumerate(pairs):
                 context: tuple[tuple[np.ndarray, np.ndarray | None], ...]
@@ -989,7 +1046,8 @@ class VisionUnifiedBuilder(StreamingDatasetBuilder):
                 else:
                     context = ((x, None),)
                 target = target_tokens(serialize_grid(y).encode("ascii"), True, self.target_len)
-                yield Example("arc", doc_id, context, target, is_val)
+                test_index = j - len(task.train) if j >= len(task.train) else -1
+                yield Example("arc", doc_id, context, target, is_val, task_index, test_index)
 
     def _documents(self, path: Path) -> Iterator[tuple[int, str]]:
         """(index, text) of the documents in a .txt or .jsonl file."""
@@ -1085,6 +1143,8 @@ class VisionUnifiedBuilder(StreamingDatasetBuilder):
         out["target"] = target
         out["source"] = torch.tensor([SOURCE_IDS[ex.source] for ex in examples], dtype=torch.long)
         out["is_val"] = torch.tensor([ex.is_val for ex in examples], dtype=torch.bool)
+        out["task_index"] = torch.tensor([ex.task_index for ex in examples], dtype=torch.long)
+        out["test_index"] = torch.tensor([ex.test_index for ex in examples], dtype=torch.long)
         return out
 
     def _load_encoder(self) -> torch.nn.Module:

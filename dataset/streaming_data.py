@@ -29,7 +29,10 @@ resume is exact; a new epoch takes in whatever the builder has finished since.
 
 Batches (``collate_fn = collate_tensor_dicts``): ``images`` uint8 [B, 1, H, W] (0..255; the model
 scales them) or ``capsules`` float16 [B, num_capsules, D] when pre-encoded, ``target`` int64
-[B, target_len] (byte b -> b + 2, EOS 1, -100 after it), ``source`` int64 [B] (0 arc, 1 text, 2 code).
+[B, target_len] (byte b -> b + 2, EOS 1, -100 after it), ``source`` int64 [B] (0 arc, 1 text, 2 code),
+``task_index`` / ``test_index`` int64 [B] (ARC rows: the task in ``arc_tasks.json`` and its test input,
+-1 for demonstration pairs and other sources; read by ``utils.arc_evaluator.MultimodalArcEvaluator``,
+ignored by the model). ``model_kwargs()`` adds ``arc_tasks_path`` when the dataset has that file.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import torch
 
 from dataset.base import TensorDictDataset, collate_tensor_dicts, describe_tensors
 from dataset.streaming import (
+    ARC_TASKS_FILE,
     BYTE_OFFSET,
     EOS_TOKEN,
     LOG_FILE,
@@ -352,7 +356,7 @@ class StreamingData:
         self.builder.check_params(manifest)
         self._manifest = manifest
         spec = manifest.get("row_spec") or {}
-        expected = {self.data_key, "target", "source", "is_val"}
+        expected = {self.data_key, "target", "source", "is_val", "task_index", "test_index"}
         if set(spec) != expected:
             raise StreamingDatasetError(f"{self.root / 'manifest.json'} describes rows {sorted(spec)}, expected {sorted(expected)}; {REBUILD_HINT}")
         available = len(manifest["consolidated"])
@@ -500,4 +504,7 @@ class StreamingData:
             if "capsules" not in spec:
                 raise StreamingDatasetError(f"{self.root} has no pre-encoded rows yet: run prepare_data() first")
             facts["num_capsules"], facts["capsule_dim"] = spec["capsules"]["shape"]
+        arc_tasks = self.root / ARC_TASKS_FILE
+        if arc_tasks.is_file():  # the ARC scorer's task list (written before the first batch)
+            facts["arc_tasks_path"] = str(arc_tasks)
         return facts

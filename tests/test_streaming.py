@@ -137,7 +137,7 @@ def check_consistent(root: Path) -> dict[str, Any]:
     assert manifest is not None
     for path in root.glob("*.pt"):
         data = torch.load(path, weights_only=True)
-        assert isinstance(data, dict) and set(data) == {"images", "target", "source", "is_val"}, path
+        assert isinstance(data, dict) and set(data) == {"images", "target", "source", "is_val", "task_index", "test_index"}, path
     first = sum(c["num_batches"] for c in manifest["consolidated"])
     for c in manifest["consolidated"]:
         assert len(torch.load(root / c["file"], weights_only=True)["target"]) == c["rows"]
@@ -217,6 +217,9 @@ def test_consolidation_counts_and_rows(code_dir: Path, tmp_path: Path) -> None:
     assert data["target"].dtype == torch.long and data["target"].shape == (50, 24)
     assert data["source"].dtype == torch.long and set(data["source"].tolist()) == {1, 2}  # text, code
     assert data["is_val"].dtype == torch.bool and 0 < int(data["is_val"].sum()) < 50
+    for key in ("task_index", "test_index"):  # ARC-only columns: -1 on text / code rows
+        assert data[key].dtype == torch.long and (data[key] == -1).all(), key
+    assert manifest["params"]["format"] == 2 and not (root / "arc_tasks.json").exists()  # no ARC source
     assert [c["val_rows"] for c in manifest["consolidated"]] == [
         int(torch.load(root / c["file"], weights_only=True)["is_val"].sum()) for c in manifest["consolidated"]
     ]
@@ -360,7 +363,7 @@ def test_prepare_data_waits_for_the_first_consolidated_file_only(code_dir: Path,
     assert builder_alive(data.root)
     data.setup()
     first_rows = len(data.train_dataset)
-    assert len(data.val_dataset) > 0 and set(data.train_dataset[0]) == {"images", "target", "source"}
+    assert len(data.val_dataset) > 0 and set(data.train_dataset[0]) == {"images", "target", "source", "task_index", "test_index"}
     data.refresh(0)
     wait_for(lambda: not builder_alive(data.root), timeout=90, what="the background builder to finish")
     assert read_manifest(data.root)["complete"]  # type: ignore[index]
@@ -489,7 +492,7 @@ def test_pre_encode_with_a_frozen_encoder(code_dir: Path, tmp_path: Path) -> Non
     data.prepare_data(incremental=False)
     data.setup()
     batch = data.collate_fn(data.train_dataset.__getitems__([0, 1]))
-    assert set(batch) == {"capsules", "target", "source"}
+    assert set(batch) == {"capsules", "target", "source", "task_index", "test_index"}
     assert batch["capsules"].dtype == torch.float16 and batch["capsules"].shape == (2, 3, 4)
     facts = data.model_kwargs()
     assert facts["num_capsules"] == 3 and facts["capsule_dim"] == 4
@@ -527,6 +530,17 @@ def test_arc_source(tmp_path: Path) -> None:
         text, ended = decode_target(row)
         assert ended and text.decode() in outputs  # the whole output grid, then EOS
         assert (image > 0).any()
+    # task_index points into arc_tasks.json (sorted ids); test_index >= 0 exactly on test inputs
+    tasks = json.loads((tmp_path / "arc" / "arc_tasks.json").read_text())["tasks"]
+    by_id = {t.task_id: t for t in load_subset(ARC_DIR, "training", 3)}
+    assert [t["id"] for t in tasks] == sorted(by_id) and all(t["subset"] == "training" for t in tasks)
+    for row, task, test in zip(data["target"], data["task_index"].tolist(), data["test_index"].tolist()):
+        arc_task = by_id[tasks[task]["id"]]
+        grids = [p[1] for p in arc_task.train] if test < 0 else [arc_task.test_outputs[test]]
+        assert decode_target(row)[0].decode() in {serialize_grid(g) for g in grids}
+    # num_test: the test inputs among the 10 rows written (max_examples cut one task short: 0)
+    seen = {(a, b) for a, b in zip(data["task_index"].tolist(), data["test_index"].tolist()) if b >= 0}
+    assert [t["num_test"] for t in tasks] == [sum(1 for a, _ in seen if a == i) for i in range(3)]
     panel = VisionUnifiedBuilder(tmp_path / "panel", arc_dir=str(ARC_DIR), arc_max_tasks=1, arc_demos=2, max_examples=4)
     example = next(panel.iter_examples())
     assert len(example.context) == 3 and example.context[-1][1] is None  # two demonstrations + the query
