@@ -82,3 +82,28 @@ def test_unwraps_wrapped_model_and_validates() -> None:
     torch.testing.assert_close(ema.module.lin.bias, torch.full((2,), 2.0))
     with pytest.raises(ValueError):
         ModelEMA(model, decay=1.5)
+
+
+def test_buffers_that_ddp_ignores_are_not_averaged() -> None:
+    class WithStorage(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+            self.register_buffer("running", torch.zeros(3))
+            self.register_buffer("storage", torch.zeros(3))  # e.g. a replay buffer: per-process state
+            self._ddp_params_and_buffers_to_ignore = ["storage"]
+
+    model = WithStorage()
+    ema = ModelEMA(model, decay=0.5)
+    ema.update(model)  # the first update copies everything
+    model.running.fill_(4.0)
+    model.storage.fill_(4.0)
+    ema.update(model)
+    assert torch.equal(ema.module.running, torch.full((3,), 2.0)), "ordinary buffers are averaged"
+    assert torch.equal(ema.module.storage, torch.zeros(3)), "ignored buffers keep the first copy"
+    state = ema.state_dict()
+    ema.load_state_dict(state)  # loading copies in place: the skip set still matches
+    model.running.fill_(8.0)
+    model.storage.fill_(8.0)
+    ema.update(model)
+    assert torch.equal(ema.module.running, torch.full((3,), 5.0)) and torch.equal(ema.module.storage, torch.zeros(3))

@@ -7,6 +7,10 @@ The first `update()` copies the model's weights (AveragedModel's convention); av
 the second. Buffers are averaged too (`use_buffers=True`, e.g. BatchNorm running statistics), except
 integer buffers such as `num_batches_tracked`, which are copied: averaging an integer truncates it.
 
+Buffers a model lists in `_ddp_params_and_buffers_to_ignore` (per-process state that DDP must not sync
+either, e.g. a DQN replay buffer) are not averaged: averaging stored experiences means nothing and
+would cost a pass over the whole storage every step.
+
 Optional warmup: with `warmup_steps > 0`, the k-th averaging update (k = 1, 2, ...) uses
 `decay * min(1, k / warmup_steps)`, so early weights -- far from where training ends up -- are
 forgotten quickly instead of dominating the average for ~1/(1-decay) steps.
@@ -27,12 +31,19 @@ class _EMAUpdate:
 
     def __init__(self, decay: float) -> None:
         self.set_decay(decay)
+        self.skip: set[int] = set()  # data_ptr() of EMA-side tensors left alone
 
     def set_decay(self, decay: float) -> None:
         self.decay = decay
         self._float_update = get_ema_multi_avg_fn(decay)
 
     def __call__(self, ema: list[torch.Tensor], current: list[torch.Tensor], n_averaged: Any) -> None:
+        if self.skip:
+            # AveragedModel hands over fresh detached views each call, so storage pointers identify them.
+            pairs = [(e, c) for e, c in zip(ema, current) if e.data_ptr() not in self.skip]
+            if not pairs:
+                return
+            ema, current = [e for e, _ in pairs], [c for _, c in pairs]
         # AveragedModel groups tensors by dtype, so checking the first of a group is enough.
         if torch.is_floating_point(ema[0]) or torch.is_complex(ema[0]):
             self._float_update(ema, current, n_averaged)
@@ -52,6 +63,8 @@ class ModelEMA:
         self._avg = AveragedModel(unwrap_model(model), multi_avg_fn=self._update_fn, use_buffers=True)
         # The copy is only ever evaluated; keeping autograd off it avoids building graphs by accident.
         self._avg.requires_grad_(False)
+        not_averaged = set(getattr(unwrap_model(model), "_ddp_params_and_buffers_to_ignore", ()))
+        self._update_fn.skip = {t.data_ptr() for n, t in self._avg.module.named_buffers() if n in not_averaged}
         # Mirror of AveragedModel.n_averaged kept on the host, so warmup needs no device sync.
         self._num_updates = 0
 
