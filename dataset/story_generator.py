@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 from pathlib import Path
+
+from utils.checkpoint import atomic_write_text
 
 STORY_SEPARATOR = "<|endoftext|>"
 DONE_FILE = "DONE.json"
@@ -81,15 +82,6 @@ def generate_story(index: int, seed: int = 0) -> str:
     return " ".join(sentences)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_stories(out_dir: Path | str, num_stories: int, seed: int = 0, stories_per_file: int = 100) -> list[Path]:
     """Write ``num_stories`` stories into ``out_dir`` (replacing whatever it held); return the files.
 
@@ -112,8 +104,8 @@ def write_stories(out_dir: Path | str, num_stories: int, seed: int = 0, stories_
     out_dir.mkdir(parents=True)
     for k, path in enumerate(files):
         stories = [generate_story(i, seed) for i in range(k * stories_per_file, min(num_stories, (k + 1) * stories_per_file))]
-        _write_atomic(path, f"\n{STORY_SEPARATOR}\n".join(stories) + "\n")
-    _write_atomic(done, json.dumps(spec) + "\n")  # last: the directory is complete once this exists
+        atomic_write_text(path, f"\n{STORY_SEPARATOR}\n".join(stories) + "\n")
+    atomic_write_text(done, json.dumps(spec) + "\n")  # last: the directory is complete once this exists
     return files
 
 

@@ -71,7 +71,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -79,6 +79,7 @@ import torch
 from dataset.arc import ArcTask, file_sha256, load_subset, subset_files
 from dataset.story_generator import STORY_SEPARATOR, write_stories
 from dataset.text_renderer import render_grid, render_grid_panel, render_text
+from utils.checkpoint import atomic_write, fsync_dir
 from utils.config_validation import ConfigError
 
 log = logging.getLogger(__name__)
@@ -136,55 +137,30 @@ class BuildInterrupted(Exception):
 
 
 # ------------------------------------------------------------------------------- atomic file writes
-def fsync_dir(path: Path) -> None:
-    """Persist a rename/unlink in ``path`` (the directory entry, not just the file data)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tmp_path(path: Path) -> Path:
+    # `<name>.<pid>.tmp`: the `.tmp` suffix is what `_remove_strays` deletes after a killed build.
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
 def atomic_torch_save(path: Path, obj: Any, pause_before_replace_s: float = 0.0) -> None:
     """``torch.save`` to a temporary sibling, fsync, rename over ``path``: never a half-written ``path``.
 
-    ``pause_before_replace_s`` (testing only) sleeps between the complete temporary file and the
+    ``pause_before_replace_s`` (testing only) sleeps once the temporary file is written, before the
     rename, so a test can SIGKILL a builder in the middle of a write.
     """
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def write(f: BinaryIO) -> None:
+        torch.save(obj, f)
         if pause_before_replace_s > 0:
+            f.flush()
             time.sleep(pause_before_replace_s)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+
+    atomic_write(path, write, temp_path=_tmp_path(path))
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), temp_path=_tmp_path(path))
 
 
 def read_manifest(root: Path | str) -> dict[str, Any] | None:

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from losses.reasoning import rows_correct
+
 ARCHITECTURES = ("trm", "hrm", "plain")
 MIXERS = ("attention", "mlp")
 POS_ENCODINGS = ("rope", "learned", "none")
@@ -390,7 +392,7 @@ class RecursiveReasoningModel(nn.Module):
         with torch.no_grad():
             halted = outputs["halted"]
             count = halted.sum().clamp(min=1)
-            correct = _rows_correct(outputs["logits"], outputs["labels"])
+            correct = rows_correct(outputs["logits"], outputs["labels"])
             return {
                 "act/halted_frac": halted.float().mean(),
                 "act/steps": (outputs["steps"] * halted).sum() / count,
@@ -406,13 +408,8 @@ def _puzzle_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return ids
 
 
-def _rows_correct(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    scored = labels != ignore_index
-    return ((logits.argmax(-1) == labels) | ~scored).all(dim=-1)
-
-
 def _q_halt_accuracy(outputs: dict[str, Any]) -> torch.Tensor:
     """How often ``q_halt > 0`` agrees with "the answer is exactly right"."""
     with torch.no_grad():
-        correct = _rows_correct(outputs["logits"], outputs["labels"])
+        correct = rows_correct(outputs["logits"], outputs["labels"])
         return ((outputs["q_halt_logits"] > 0) == correct).float().mean()

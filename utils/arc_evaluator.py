@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ import torch.distributed as dist
 
 from dataset.arc import SEQ_LEN, decode_grid, load_arc_tasks, unaugment_grid
 from dataset.streaming import BYTE_OFFSET, EOS_TOKEN, decode_target
+from utils.checkpoint import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -218,17 +217,8 @@ class ArcEvaluator:
     @staticmethod
     def write_submission(path: Path, submission: dict[str, Any]) -> None:
         """Write atomically: a reader (or a crash) never sees a half-written submission."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(submission, f, separators=(",", ":"))
-                f.write("\n")
-            os.replace(tmp, path)
-            log.debug("Wrote %s (%d tasks)", path, len(submission))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(submission, separators=(",", ":")) + "\n")
+        log.debug("Wrote %s (%d tasks)", path, len(submission))
 
 
 # ------------------------------------------------------------------------ vision-unified ARC rows

@@ -71,7 +71,7 @@ def _temp_path(path: Path) -> Path:
     return path.parent / f".{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Persist a rename: the new name lives in the directory entry, not in the file."""
     if os.name != "posix":
         return
@@ -86,12 +86,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], temp_path: Path | None = None) -> None:
+    """Write `path` through `write(binary_file)` into a temp sibling, fsync, rename over `path`, fsync the directory.
+
+    `temp_path` overrides the temp name for callers whose own clean-up recognises another pattern; such a
+    name is not unique (a reused pid), so a leftover with it is overwritten instead of refused.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
+    tmp = temp_path if temp_path is not None else _temp_path(path)
     try:
-        with open(tmp, "xb") as f:
+        with open(tmp, "xb" if temp_path is None else "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -99,12 +104,12 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:  # also on KeyboardInterrupt: never leave our temp file behind
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace `path` with `data`; readers see the old content or the new, never a mix."""
-    _atomic_write(Path(path), lambda f: f.write(data))
+    atomic_write(Path(path), lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -188,7 +193,7 @@ def _save_with_sidecar(obj: Any, path: Path) -> str:
         writer = _HashingWriter(f)
         torch.save(obj, writer)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     assert writer is not None
     digest = writer.hexdigest()
     _write_sidecar(path, digest)  # after the checkpoint: a sidecar never vouches for a file not yet in place
@@ -359,7 +364,7 @@ class CheckpointManager:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         # Killed right here, latest.pt is new and its sidecar old: it fails verification and resume falls back
         # to the newest step file, which is complete.
         _write_sidecar(latest, digest)
