@@ -16,12 +16,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from utils.checkpoint import CheckpointError
-from utils.config_validation import ConfigError, validate_config
+from utils.storage.checkpoint import CheckpointError
+from utils.config.validation import ConfigError, validate_config
 from utils.distributed import cleanup_distributed, init_distributed
-from utils.run_logging import setup_logging
+from utils.monitoring.run_logging import setup_logging
 from utils.signals import EXIT_ABORTED, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_NONFINITE
-from utils.trainer import FitResult, NonFiniteError, Trainer, TrainingInterrupted
+from utils.training.trainer import FitResult, NonFiniteError, Trainer, TrainingInterrupted
 
 log = logging.getLogger("pretrain")
 

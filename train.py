@@ -24,9 +24,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dataset.prepare import prepare_dataset
-from utils.checkpoint import CheckpointError, CheckpointManager
-from utils.config_validation import ConfigError, validate_config
-from utils.run_logging import setup_logging
+from utils.storage.checkpoint import CheckpointError, CheckpointManager
+from utils.config.validation import ConfigError, validate_config
+from utils.monitoring.run_logging import setup_logging
 from utils.signals import EXIT_CONFIG
 
 ROOT = Path(__file__).resolve().parent

@@ -24,7 +24,7 @@ the median of the R round ratios. The report also gives the median per-step time
 the ratio of those medians, which is the same number on a quiet machine but not robust to load that
 changes between rounds) and the process CPU time per step.
 
-Launcher side: the real `utils.trainer.Trainer`, built from the config composed from conf/ with Hydra's
+Launcher side: the real `utils.training.trainer.Trainer`, built from the config composed from conf/ with Hydra's
 compose API and validated as pretrain.py does, with these overrides (everything else default):
 
     grad_filter=none                          the same work as the hand loop (no Grokfast filter)
@@ -154,9 +154,9 @@ def check_supported(cfg: DictConfig) -> None:
     problems = []
     if cfg.optim._target_ not in HAND_OPTIMIZERS or cfg.optim.get("components") or cfg.optim.get("param_groups"):
         problems.append(f"optim must be one of {HAND_OPTIMIZERS} (no components / param_groups)")
-    if cfg.schedule is None or cfg.schedule._target_ != "utils.schedules.constant":
+    if cfg.schedule is None or cfg.schedule._target_ != "utils.optim.schedules.constant":
         problems.append("schedule must be `constant` (linear warm-up, then flat)")
-    if cfg.grad_filter._target_ != "utils.grad_filters.NoFilter":
+    if cfg.grad_filter._target_ != "utils.optim.grad_filters.NoFilter":
         problems.append("grad_filter must be none")
     t = cfg.trainer
     if t.precision != "fp32" or t.compile or t.ema.enabled or t.detect_anomaly or t.num_workers:
@@ -170,8 +170,8 @@ def check_supported(cfg: DictConfig) -> None:
 def build_launcher(cfg: DictConfig, sink: io.TextIOBase) -> Any:
     """The real Trainer, set up as pretrain.fit() does (cfg already validated)."""
     from utils.distributed import init_distributed
-    from utils.run_logging import setup_logging
-    from utils.trainer import Trainer
+    from utils.monitoring.run_logging import setup_logging
+    from utils.training.trainer import Trainer
 
     run_dir = Path(cfg.paths.run_dir).resolve()
     with open_dict(cfg):
@@ -442,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _measure(args: argparse.Namespace, overrides: list[str], tmp: Path, sink: io.TextIOBase) -> int:
-    from utils.config_validation import validate_config
-    from utils.trainer import TrainingInterrupted
+    from utils.config.validation import validate_config
+    from utils.training.trainer import TrainingInterrupted
 
     root_logger = logging.getLogger()
     try:

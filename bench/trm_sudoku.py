@@ -39,8 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import pretrain  # noqa: E402
-from utils.config_validation import validate_config  # noqa: E402
-from utils.run_logging import read_metrics  # noqa: E402
+from utils.config.validation import validate_config  # noqa: E402
+from utils.monitoring.run_logging import read_metrics  # noqa: E402
 
 
 def compose_cfg(overrides: list[str]):

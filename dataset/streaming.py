@@ -76,11 +76,11 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from dataset.arc import ArcTask, file_sha256, load_subset, subset_files
-from dataset.story_generator import STORY_SEPARATOR, write_stories
-from dataset.text_renderer import render_grid, render_grid_panel, render_text
-from utils.checkpoint import atomic_write, fsync_dir
-from utils.config_validation import ConfigError
+from dataset.reasoning.arc import ArcTask, file_sha256, load_subset, subset_files
+from dataset.multimodal.story_generator import STORY_SEPARATOR, write_stories
+from dataset.multimodal.text_renderer import render_grid, render_grid_panel, render_text
+from utils.storage.checkpoint import atomic_write, fsync_dir
+from utils.config.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -664,7 +664,7 @@ def _dir_files(root: Path, patterns: Sequence[str], key: str) -> list[Path]:
 def _import_callable(dotted: str) -> Callable[..., Any]:
     module_name, _, attr = dotted.rpartition(".")
     if not module_name:
-        raise ValueError(f"encoder_factory must be a dotted path like 'models.multimodal_trm.CapsuleEncoder', got {dotted!r}")
+        raise ValueError(f"encoder_factory must be a dotted path like 'models.multimodal.multimodal_trm.CapsuleEncoder', got {dotted!r}")
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
@@ -709,7 +709,7 @@ class VisionUnifiedBuilder(StreamingDatasetBuilder):
     ``target`` int64 [N, target_len], ``source`` int64 [N] (0 arc, 1 text, 2 code), ``is_val`` bool [N],
     ``task_index`` int64 [N] (ARC: index of the task in ``arc_tasks.json``; -1 for other sources) and
     ``test_index`` int64 [N] (ARC: which test input of the task; -1 for demonstration pairs and other
-    sources). For the ARC scorer (``utils.arc_evaluator.MultimodalArcEvaluator``).
+    sources). For the ARC scorer (``dataset.reasoning.arc_evaluator.MultimodalArcEvaluator``).
 
     ``arc_tasks.json`` (written when ARC is a source): ``{"format": 2, "tasks": [{"id", "subset",
     "num_test", "eval"}, ...]}``, the tasks of every subset sorted by (id, subset), in ``task_index``

@@ -1,4 +1,4 @@
-"""Loss terms of the multimodal TRM (models/multimodal_trm.py), for ``CompositeLoss``.
+"""Loss terms of the multimodal TRM (models/multimodal/multimodal_trm.py), for ``CompositeLoss``.
 
 The token loss is ``losses.reasoning.TokenCrossEntropyTerm`` with ``labels_key: target``. The terms
 here read what the model's optional features put in its outputs:

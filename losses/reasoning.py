@@ -1,4 +1,4 @@
-"""Loss terms for recursive reasoning with ACT (models/recursive_reasoning.py).
+"""Loss terms for recursive reasoning with ACT (models/reasoning/recursive_reasoning.py).
 
 Each is a ``CompositeLoss`` term ``term(outputs, batch) -> scalar`` with its own ``weight``; the
 composite logs every term separately. Labels are read from ``outputs`` when the model returns them

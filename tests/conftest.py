@@ -9,7 +9,7 @@ Notes:
 * `hydra.compose` does not set HydraConfig, so a `${hydra:runtime.choices...}` interpolation (the
   `experiment=grokking` run_name) cannot resolve here; the helpers always set `run_name`. For the same
   reason `pretrain.resolve_run_dir` falls through to <paths.root>/<run_name>.
-* Keys that exist only in the typed schema (utils/config_schema.py), not in conf/, must be added with
+* Keys that exist only in the typed schema (utils/config/schema.py), not in conf/, must be added with
   `++` on the command line (e.g. `++trainer.max_epochs=1`); see test_config.py for why that matters.
 * Runs use one intra-op thread: the models are tiny, and on the 2-core CI machines (often shared
   with other jobs) two threads per op made a 60-step run take 15 s instead of 0.3 s.
@@ -58,7 +58,7 @@ def compose_config(*overrides: str) -> DictConfig:
 
 
 def _remove_launcher_log_handlers() -> None:
-    """utils.run_logging.setup_logging leaves a train.log FileHandler open on the root logger."""
+    """utils.monitoring.run_logging.setup_logging leaves a train.log FileHandler open on the root logger."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_launcher", False):

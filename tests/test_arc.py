@@ -19,7 +19,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from dataset.arc import (
+from dataset.reasoning.arc import (
     EOS_TOKEN,
     GRID_SIZE,
     NUM_COLORS,
@@ -42,10 +42,10 @@ from dataset.arc import (
     task_augmentations,
     unaugment_grid,
 )
-from dataset.puzzles import IGNORE_LABEL, check_split, load_split
+from dataset.reasoning.puzzles import IGNORE_LABEL, check_split, load_split
 from tests.conftest import compose_config
-from utils.arc_evaluator import ArcEvaluator
-from utils.config_validation import validate_config
+from dataset.reasoning.arc_evaluator import ArcEvaluator
+from utils.config.validation import validate_config
 
 ARC_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "arc"
 SUBSETS = ("training", "evaluation")
@@ -546,8 +546,8 @@ def test_evaluator_sync_gathers_every_rank(small_arc: ArcData, tmp_path: Path) -
 def test_hydra_composed_data_module_and_evaluators(tmp_path: Path) -> None:
     cfg = compose_config(
         "run_name=test",
-        "data=arc",
-        "evaluators=arc",
+        "data=reasoning/arc",
+        "evaluators=reasoning/arc",
         f"data.arc_dir={ARC_DIR}",
         f"paths.data_root={tmp_path / 'data'}",
         "data.max_tasks_per_subset=2",
@@ -582,7 +582,7 @@ def test_hydra_composed_data_module_and_evaluators(tmp_path: Path) -> None:
 
 
 def test_config_without_arc_dir_fails_with_the_fix() -> None:
-    cfg = compose_config("run_name=test", "data=arc", "evaluators=arc")
+    cfg = compose_config("run_name=test", "data=reasoning/arc", "evaluators=reasoning/arc")
     validate_config(cfg)  # the yaml itself is valid; the missing directory is reported at instantiation
     with pytest.raises(Exception, match=r"data\.arc_dir=/path/to/arc-prize-files"):
         instantiate(cfg.data)

@@ -1,4 +1,4 @@
-"""utils/checkpoint.py against real files: round trips, pruning, corruption, unsafe pickles, SIGKILL mid-save."""
+"""utils/storage/checkpoint.py against real files: round trips, pruning, corruption, unsafe pickles, SIGKILL mid-save."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from utils.checkpoint import (
+from utils.storage.checkpoint import (
     CheckpointError,
     CheckpointManager,
     assert_finite_state,
@@ -30,7 +30,7 @@ from utils.checkpoint import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-LOGGER = "utils.checkpoint"
+LOGGER = "utils.storage.checkpoint"
 MARKER_VALUE = 1234.5  # a float we can find inside the tensor payload of a saved file
 
 
@@ -307,7 +307,7 @@ KILL_DRIVER = r"""
 import os, sys
 import torch
 torch.set_num_threads(1)
-from utils.checkpoint import CheckpointManager
+from utils.storage.checkpoint import CheckpointManager
 
 directory, numel = sys.argv[1], int(sys.argv[2])
 while True:

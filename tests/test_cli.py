@@ -244,7 +244,7 @@ def quick(tmp_path_factory):
 def test_cfg_job_prints_the_composed_config(quick):
     result = quick["cfg_job"]
     assert result.returncode == 0, result
-    assert "_target_: models.transformer.DecoderTransformer" in result.output, result
+    assert "_target_: models.grokking.transformer.DecoderTransformer" in result.output, result
     assert "run_name: default" in result.output
     assert not (quick["base"] / "cfg").exists(), "--cfg job must not create anything"
 
@@ -261,7 +261,7 @@ def test_help_lists_the_config_groups(quick):
 
 
 def test_every_schema_key_can_be_overridden_without_plus(quick):
-    """utils/config_schema.py's TrainerConf keys are the documented options ("Full list of keys" in
+    """utils/config/schema.py's TrainerConf keys are the documented options ("Full list of keys" in
     conf/trainer/default.yaml), so `trainer.nproc_per_node=2` must work like `trainer.max_steps=2`."""
     result = quick["schema_keys"]
     assert result.returncode == 0, result

@@ -1,4 +1,4 @@
-"""Config composition and validation (utils/config_schema.py, utils/config_validation.py): fast, no training.
+"""Config composition and validation (utils/config/schema.py, utils/config/validation.py): fast, no training.
 
 Every config here is composed from the real conf/ tree with Hydra's compose API, exactly as a command
 line would compose it, and then validated the way `pretrain.fit` validates it.
@@ -10,8 +10,8 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from tests.conftest import CONF_DIR, compose_config
-from utils.config_schema import TrainerConf
-from utils.config_validation import ConfigError, validate_config
+from utils.config.schema import TrainerConf
+from utils.config.validation import ConfigError, validate_config
 
 
 def validate(*overrides: str) -> DictConfig:
@@ -29,9 +29,9 @@ def config_error(*overrides: str) -> str:
 def group_options() -> list[tuple[str, str]]:
     """(group, option) for every yaml file in every config group directory under conf/."""
     options = []
-    for group_dir in sorted(p for p in CONF_DIR.iterdir() if p.is_dir()):
-        for path in sorted(group_dir.glob("*.yaml")):
-            options.append((group_dir.name, path.stem))
+    for group_dir in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
+        for path in sorted(group_dir.rglob("*.yaml")):  # family options live in subfolders (model=reasoning/trm)
+            options.append((group_dir.name, path.relative_to(group_dir).with_suffix("").as_posix()))
     return options
 
 
@@ -40,11 +40,11 @@ def test_default_config_has_every_group() -> None:
     cfg = compose_config()
     for group in ("model", "loss", "optim", "schedule", "grad_filter", "data", "trainer", "logger", "paths"):
         assert group in cfg, f"the default config has no '{group}' group"
-    assert cfg.model._target_ == "models.transformer.DecoderTransformer"
+    assert cfg.model._target_ == "models.grokking.transformer.DecoderTransformer"
     assert cfg.optim._target_ == "torch.optim.Adam"  # the Grokfast paper's coupled-L2 setting (experiment/grokking.yaml)
-    assert cfg.grad_filter._target_ == "utils.grad_filters.GrokfastEMA"
-    assert cfg.schedule._target_ == "utils.schedules.constant"
-    assert cfg.data._target_ == "dataset.modular_arithmetic.ModularArithmeticData"
+    assert cfg.grad_filter._target_ == "utils.optim.grad_filters.GrokfastEMA"
+    assert cfg.schedule._target_ == "utils.optim.schedules.constant"
+    assert cfg.data._target_ == "dataset.grokking.modular_arithmetic.ModularArithmeticData"
     # config.yaml's own values win over the groups' (the `_self_` position in its defaults list).
     assert cfg.optim.weight_decay == 0.005
     assert cfg.trainer.monitor == "val/acc" and cfg.trainer.monitor_mode == "max"
@@ -153,7 +153,7 @@ def test_unknown_key_for_a_non_default_target_uses_that_targets_signature() -> N
     # window_size is a GrokfastMA option, not a GrokfastEMA one.
     validate("grad_filter=grokfast_ma", "grad_filter.window_size=7")
     msg = config_error("+grad_filter.window_size=7")
-    assert "'grad_filter.window_size'" in msg and "utils.grad_filters.GrokfastEMA" in msg
+    assert "'grad_filter.window_size'" in msg and "utils.optim.grad_filters.GrokfastEMA" in msg
 
 
 @pytest.mark.parametrize(
@@ -178,7 +178,7 @@ def test_int_is_accepted_where_the_target_wants_a_float() -> None:
 
 
 def test_unimportable_target_is_a_config_error() -> None:
-    msg = config_error("model._target_=models.transformer.NoSuchModel")
+    msg = config_error("model._target_=models.grokking.transformer.NoSuchModel")
     assert "model._target_" in msg
 
 
@@ -205,12 +205,12 @@ def test_every_documented_precision_validates(precision: str) -> None:
 def test_component_optimizer_with_its_own_schedule_validates() -> None:
     cfg = validate(
         "+optim.components.head={modules:[head],lr:0.01,"
-        "schedule:{_target_:utils.schedules.constant,_partial_:true,warmup_steps:0}}"
+        "schedule:{_target_:utils.optim.schedules.constant,_partial_:true,warmup_steps:0}}"
     )
     assert cfg.optim.components.head.lr == 0.01
     assert list(cfg.optim.components.head.modules) == ["head"]
     msg = config_error(
-        "+optim.components.head={modules:[head],schedule:{_target_:utils.schedules.constant,_partial_:true,warmup:0}}"
+        "+optim.components.head={modules:[head],schedule:{_target_:utils.optim.schedules.constant,_partial_:true,warmup:0}}"
     )
     assert "'optim.components.head.schedule.warmup'" in msg
     assert "'optim.components.head.lrr'" in config_error("+optim.components.head={modules:[head],lrr:0.01}")

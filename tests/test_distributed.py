@@ -38,7 +38,7 @@ from tests.cli_helpers import (
     train_steps,
     wait_for,
 )
-from utils.data_loading import ResumableDistributedSampler
+from utils.training.data_loading import ResumableDistributedSampler
 
 TINY = ["model.width=32", "model.num_layers=1", "data.p=23", "trainer.device=cpu", "trainer.log_interval=1",
         "trainer.early_stopping.enabled=false"]

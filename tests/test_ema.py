@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from utils.ema import ModelEMA
+from utils.optim.ema import ModelEMA
 
 
 class Net(torch.nn.Module):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from utils.grad_filters import GradFilter, GrokfastEMA, GrokfastMA, NoFilter
+from utils.optim.grad_filters import GradFilter, GrokfastEMA, GrokfastMA, NoFilter
 
 
 class TwoParams(torch.nn.Module):

@@ -1,5 +1,5 @@
 """Trackers (real wandb in offline mode, real TensorBoard event files), the metrics the loop logs, plots,
-the console progress and `python -m utils.report`, through the real CLI in subprocesses.
+the console progress and `python -m utils.monitoring.report`, through the real CLI in subprocesses.
 
 One module fixture runs everything once (two runs side by side, then a resume and the report), and the
 tests read what those runs left: the console output, the run directory, the checkpoint. wandb never goes
@@ -24,10 +24,10 @@ import torch
 
 from tests.cli_helpers import ENV, REPO_ROOT, TINY, paths, read_metrics
 from tests.conftest import compose_config
-from utils import report
-from utils.plots import FigureMaker, make_plots
-from utils.progress import PROGRESS_LINE, Progress, peak_memory_mib, token_count
-from utils.trackers import REDACTED, scrub_secrets
+from utils.monitoring import report
+from utils.monitoring.plots import FigureMaker, make_plots
+from utils.monitoring.progress import PROGRESS_LINE, Progress, peak_memory_mib, token_count
+from utils.monitoring.trackers import REDACTED, scrub_secrets
 
 FAKE_KEY = "f4k3" * 10  # 40 characters, the shape of a W&B API key
 FAST = ["debug=fast", *TINY]  # 6 steps, evaluated and checkpointed every 3, every step logged
@@ -95,7 +95,7 @@ def runs(tmp_path_factory):
     _check(resumed)
     for png in (multi_dir / "plots").glob("*.png"):
         png.unlink()
-    rep = _finish(_start(["-m", "utils.report", str(multi_dir)], multi_env))
+    rep = _finish(_start(["-m", "utils.monitoring.report", str(multi_dir)], multi_env))
     return {"base": base, "multi_dir": multi_dir, "online_dir": online_dir, "first": first, "online": online,
             "resumed": resumed, "report": rep, "plots_after_first": plots_after_first,
             "first_ids": first_latest["logger_run_ids"]}
@@ -258,7 +258,7 @@ def test_figure_maker_draws_calls_the_family_hook_and_logs_images(tmp_path):
 def test_no_progress_bar_without_a_terminal_but_periodic_step_lines(runs):
     err = runs["first"]["stderr"]
     assert "it/s" not in err and "step/s" not in err and "%|" not in err, err[-3000:]
-    steps = re.findall(r"utils\.trainer: step (\d+)  .*train/loss=", err)
+    steps = re.findall(r"utils\.training\.trainer: step (\d+)  .*train/loss=", err)
     assert steps == [str(s) for s in range(1, 7)], err[-3000:]
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from dataset import maze as maze_module
+from dataset.reasoning import maze as maze_module
 from dataset.base import DiskDatasetBuilder
-from dataset.maze import (
+from dataset.reasoning.maze import (
     MazeAugmentation,
     MazeData,
     MazeFileError,
@@ -28,7 +28,7 @@ from dataset.maze import (
     write_mazes,
 )
 from tests.conftest import compose_config
-from utils.config_validation import validate_config
+from utils.config.validation import validate_config
 
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5
 
@@ -282,7 +282,7 @@ def test_bad_parameters_name_the_key(tmp_path: Path) -> None:
 
 def test_config_composes_and_builds(tmp_path: Path) -> None:
     cfg = compose_config(
-        "run_name=test", f"paths.data_root={tmp_path / 'data'}", "data=maze", "evaluators=maze",
+        "run_name=test", f"paths.data_root={tmp_path / 'data'}", "data=reasoning/maze", "evaluators=reasoning/maze",
         "data.size=9", "data.num_train=30", "data.num_val=10",
     )
     validate_config(cfg)

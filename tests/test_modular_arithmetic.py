@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset.base import DiskDatasetBuilder, collate_tensor_dicts
-from dataset.modular_arithmetic import (
+from dataset.grokking.modular_arithmetic import (
     MalformedDatasetError,
     ModularArithmeticBuilder,
     ModularArithmeticData,

@@ -1,4 +1,4 @@
-"""The multimodal TRM (models/multimodal_trm.py), its loss terms, the gradient monitor and the code evaluators.
+"""The multimodal TRM (models/multimodal/multimodal_trm.py), its loss terms, the gradient monitor and the code evaluators.
 
 Small CPU tests: VQ straight-through / usage / EMA by hand, MTP targets by hand, every feature switch
 (parameter count, outputs, loss terms), gradient checkpointing on = off, the DQN's transitions, warm
@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from losses.composite import CompositeLoss
 from losses.multimodal import DQNTerm, MTPTerm, VQTerm, active_terms, mtp_targets
 from losses.reasoning import TokenCrossEntropyTerm
-from models.multimodal_trm import (
+from models.multimodal.multimodal_trm import (
     CONTINUE,
     HALT,
     CapsuleEncoder,
@@ -30,9 +30,9 @@ from models.multimodal_trm import (
     count_parameters,
 )
 from tests.conftest import CONF_DIR, compose_config
-from utils.code_evaluator import CodeEvaluator, SourceExactMatch
-from utils.config_validation import validate_config
-from utils.grad_monitor import GradientMonitor
+from dataset.multimodal.code_evaluator import CodeEvaluator, SourceExactMatch
+from utils.config.validation import validate_config
+from utils.monitoring.grad_monitor import GradientMonitor
 
 V, T, N, H, W = 258, 12, 4, 16, 32
 FACTS = {"vocab_size": V, "target_len": T, "image_size": [H, W], "in_channels": 1, "num_capsules": N}
@@ -74,7 +74,7 @@ def batch_of(rows: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def multimodal_loss() -> CompositeLoss:
-    return instantiate(OmegaConf.load(CONF_DIR / "loss" / "multimodal.yaml"))
+    return instantiate(OmegaConf.load(CONF_DIR / "loss" / "multimodal" / "default.yaml"))
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -359,7 +359,7 @@ def test_model_state_is_checkpointable_and_memory_writes_only_in_training():
 # ---------------------------------------------------------------------------------- presets
 def tiny_preset() -> MultimodalTRM:
     torch.manual_seed(0)
-    node = OmegaConf.load(CONF_DIR / "model" / "multimodal_tiny.yaml")
+    node = OmegaConf.load(CONF_DIR / "model" / "multimodal" / "tiny.yaml")
     return instantiate(node, **FACTS)
 
 
@@ -404,17 +404,17 @@ def preset_counts(name: str, target_len: int = 256) -> dict[str, int]:
 
 
 def test_preset_parameter_counts_on_the_meta_device():
-    hesc = preset_counts("multimodal_hesc")  # target_len 256 (1024 parameters per output slot)
+    hesc = preset_counts("multimodal/hesc")  # target_len 256 (1024 parameters per output slot)
     assert hesc["total"] == 163_045_765
     assert hesc["planner"] == 37_803_009  # COCONUT: 3 blocks at hidden 1024 + path embeddings + scorer
     assert hesc["net"] == 100_794_368  # the recursive TRM network: 8 blocks
     assert hesc["total"] - hesc["trainable"] == 17_666  # the DQN's target network
-    assert preset_counts("code_optimized")["total"] == 175_661_445  # more memory slots and MTP heads
-    assert preset_counts("text_optimized")["total"] == 162_916_741  # 128 output slots, 6 planning paths
+    assert preset_counts("multimodal/code_optimized")["total"] == 175_661_445  # more memory slots and MTP heads
+    assert preset_counts("multimodal/text_optimized")["total"] == 162_916_741  # 128 output slots, 6 planning paths
 
 
 def test_tiny_preset_parameter_count_drops_with_each_feature():
-    node = OmegaConf.load(CONF_DIR / "model" / "multimodal_tiny.yaml")
+    node = OmegaConf.load(CONF_DIR / "model" / "multimodal" / "tiny.yaml")
     facts = {"vocab_size": 258, "target_len": 64, "image_size": [32, 128], "in_channels": 1, "num_capsules": 8}
     full = count_parameters(lambda: instantiate(node, **facts))
     assert full["total"] == 157_653
@@ -426,11 +426,11 @@ def test_tiny_preset_parameter_count_drops_with_each_feature():
 
 
 def test_presets_compose_and_validate():
-    cfg = validate_config(compose_config("model=code_optimized", "loss=multimodal", "evaluators=multimodal"))
+    cfg = validate_config(compose_config("model=multimodal/code_optimized", "loss=multimodal/default", "evaluators=multimodal/default"))
     assert cfg.model.hidden_size == 1024 and cfg.model.mtp_heads == 4  # hesc values + the code overrides
-    for name in ("multimodal_hesc", "text_optimized", "multimodal_tiny"):
-        validate_config(compose_config(f"model={name}", "loss=multimodal", "evaluators=multimodal"))
-    cfg = compose_config("model=multimodal_tiny")
+    for name in ("multimodal/hesc", "multimodal/text_optimized", "multimodal/tiny"):
+        validate_config(compose_config(f"model={name}", "loss=multimodal/default", "evaluators=multimodal/default"))
+    cfg = compose_config("model=multimodal/tiny")
     assert not {"vocab_size", "target_len", "image_size", "in_channels", "num_capsules"} & set(cfg.model)
 
 
@@ -443,7 +443,7 @@ def test_gradient_monitor_flags_vanishing_and_exploding_layers(caplog):
             p.grad = torch.full_like(p, scale)
     # model[3] has no gradient at all: skipped, not flagged
     monitor = GradientMonitor(vanishing_threshold=1e-8, exploding_threshold=1e3, history_size=3, cleanup_interval=10)
-    with caplog.at_level(logging.WARNING, logger="utils.grad_monitor"):
+    with caplog.at_level(logging.WARNING, logger="utils.monitoring.grad_monitor"):
         metrics = monitor.observe(model, step=1)
     assert metrics["grad_monitor/vanishing_layers"] == 1 and metrics["grad_monitor/exploding_layers"] == 1
     assert monitor.last_vanishing == ["0"] and monitor.last_exploding == ["1"]

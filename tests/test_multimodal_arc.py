@@ -1,4 +1,4 @@
-"""ARC Prize scoring of the vision-unified ARC rows (utils.arc_evaluator.MultimodalArcEvaluator) on rows
+"""ARC Prize scoring of the vision-unified ARC rows (dataset.reasoning.arc_evaluator.MultimodalArcEvaluator) on rows
 built by the real streaming builder from ../shared/data/arc (those tests skip, with the reason, where it
 is absent): oracle predictions score 1 and reproduce the solutions in submission.json; wrong, ragged or
 unterminated predictions fail their test input; non-ARC rows are ignored. Plus the dataset side: the
@@ -27,9 +27,9 @@ from dataset.streaming import (
     params_hash,
     read_manifest,
 )
-from dataset.streaming_data import StreamingData
+from dataset.multimodal.streaming_data import StreamingData
 from tests.cli_helpers import REPO_ROOT
-from utils.arc_evaluator import (
+from dataset.reasoning.arc_evaluator import (
     MultimodalArcEvaluator,
     decode_byte_grid,
     parse_grid_bytes,
@@ -218,10 +218,10 @@ def test_grid_decoding() -> None:
 
 
 def test_trainer_passes_the_task_list_and_run_dir(arc_data: StreamingData, tmp_path: Path) -> None:
-    from utils.trainer import _instantiate_with_facts
+    from utils.training.trainer import _instantiate_with_facts
 
-    node = OmegaConf.load(REPO_ROOT / "conf" / "evaluators" / "multimodal.yaml")
-    assert "arc_exact" in node and node.arc._target_ == "utils.arc_evaluator.MultimodalArcEvaluator"
+    node = OmegaConf.load(REPO_ROOT / "conf" / "evaluators" / "multimodal" / "default.yaml")
+    assert "arc_exact" in node and node.arc._target_ == "dataset.reasoning.arc_evaluator.MultimodalArcEvaluator"
     facts = {**arc_data.model_kwargs(), "run_dir": str(tmp_path)}
     ev = _instantiate_with_facts(node.arc, facts)
     assert isinstance(ev, MultimodalArcEvaluator)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from utils.optim import NamedOptimizer, build_optimizers
+from utils.optim.builder import NamedOptimizer, build_optimizers
 
 
 class Net(torch.nn.Module):

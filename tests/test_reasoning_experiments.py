@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 import pretrain
 from tests.cli_helpers import CPU, assert_tensors_equal, load, override, paths, read_metrics, run
 from tests.conftest import _remove_launcher_log_handlers, compose_config
-from utils.config_validation import validate_config
+from utils.config.validation import validate_config
 
 ARC_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "arc"
 EXPERIMENTS = ("trm_sudoku", "trm_sudoku9", "trm_maze", "trm_arc", "hrm_sudoku")

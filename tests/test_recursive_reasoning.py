@@ -1,4 +1,4 @@
-"""TRM/HRM with ACT (models/recursive_reasoning.py), its loss terms and the sign-SGD embedding optimizer.
+"""TRM/HRM with ACT (models/reasoning/recursive_reasoning.py), its loss terms and the sign-SGD embedding optimizer.
 
 Unit tests on tiny inputs: carry shapes, halting and refilling, where gradients flow, every loss term
 against a value computed by hand, loss-weight schedules and the presets' parameter counts.
@@ -22,9 +22,9 @@ from losses.reasoning import (
     stablemax_cross_entropy,
 )
 from losses.weight_schedules import CosineRamp, LinearRamp, StepValues
-from models.recursive_reasoning import CARRY_KEYS, RecursiveReasoningModel
+from models.reasoning.recursive_reasoning import CARRY_KEYS, RecursiveReasoningModel
 from tests.conftest import compose_config
-from utils.sign_sgd import SignSGD
+from utils.optim.sign_sgd import SignSGD
 
 VOCAB, SEQ = 6, 16
 
@@ -222,7 +222,7 @@ def test_ponder_cost_is_the_expected_continue_probability():
 
 
 def test_every_term_is_reported_separately_by_the_act_loss_config():
-    loss = instantiate(compose_config("loss=act").loss)
+    loss = instantiate(compose_config("loss=reasoning/act").loss)
     model = tiny().train()
     batch = batch_of(4, 0)
     values = loss(model(batch), batch)
@@ -243,7 +243,7 @@ def test_weight_schedules():
 
 def test_weight_schedule_from_config_sets_the_weight_by_step():
     cfg = compose_config(
-        "loss=act",
+        "loss=reasoning/act",
         "+loss.terms.ponder.weight_schedule={_target_:losses.weight_schedules.LinearRamp,end_value:0.02,end_step:100}",
     )
     loss = instantiate(cfg.loss)
@@ -272,11 +272,11 @@ def test_sign_sgd_updates_only_the_rows_a_batch_used():
 
 
 def test_puzzle_embeddings_get_their_own_sign_sgd_optimizer():
-    from utils.optim import build_optimizers
+    from utils.optim.builder import build_optimizers
 
     cfg = compose_config(
         "optim=adam_atan2",
-        "+optim.components.puzzle_emb={_target_:utils.sign_sgd.SignSGD,modules:[puzzle_emb],lr:0.01,weight_decay:0.1}",
+        "+optim.components.puzzle_emb={_target_:utils.optim.sign_sgd.SignSGD,modules:[puzzle_emb],lr:0.01,weight_decay:0.1}",
     )
     model = tiny(puzzle_emb_ndim=32, num_puzzle_identifiers=4)
     named = {o.name: o for o in build_optimizers(model, cfg.optim)}
@@ -288,7 +288,7 @@ def test_puzzle_embeddings_get_their_own_sign_sgd_optimizer():
 # ---------------------------------------------------------------------------------- presets
 @pytest.mark.parametrize("preset", ["trm", "trm_mlp", "hrm", "transformer_baseline"])
 def test_model_presets_build_with_the_papers_shapes(preset):
-    cfg = compose_config(f"model={preset}")
+    cfg = compose_config(f"model=reasoning/{preset}")
     model = instantiate(cfg.model, vocab_size=11, seq_len=81, num_puzzle_identifiers=1)
     n = sum(p.numel() for p in model.parameters())
     # TRM (attention) at hidden 512 x 2 layers is ~7M parameters in the paper (incl. ~0.5M of embeddings / heads).

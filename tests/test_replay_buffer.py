@@ -1,4 +1,4 @@
-"""utils/replay_buffer.py: ring overwrite, sampling, determinism, warm-start gate, exact state_dict round trip."""
+"""models/components/replay_buffer.py: ring overwrite, sampling, determinism, warm-start gate, exact state_dict round trip."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from utils.replay_buffer import ReplayBuffer
+from models.components.replay_buffer import ReplayBuffer
 
 
 def make(capacity: int = 5, seed: int = 0) -> ReplayBuffer:

@@ -31,7 +31,7 @@ from tests.cli_helpers import (
     train_steps,
     wait_for,
 )
-from utils.checkpoint import CheckpointManager
+from utils.storage.checkpoint import CheckpointManager
 from utils.signals import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_NONFINITE
 
 # ------------------------------------------------------------------------------- exact resume after SIGKILL

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from utils.schedules import (
+from utils.optim.schedules import (
     constant,
     cosine_annealing,
     cosine_with_warmup,

@@ -270,7 +270,7 @@ def test_an_interrupted_fit_saves_its_checkpoint_before_passing_the_signal_on(tm
     import threading
 
     import pretrain
-    from utils.trainer import TrainingInterrupted
+    from utils.training.trainer import TrainingInterrupted
 
     cfg = make_cfg(tmp_path, "trainer.max_steps=100000", "trainer.eval_interval=100000")
     run_dir = tmp_path / "ck" / "test"

@@ -40,8 +40,8 @@ from dataset.streaming import (
     serialize_grid,
     target_tokens,
 )
-from dataset.streaming_data import StreamingData
-from dataset.text_renderer import (
+from dataset.multimodal.streaming_data import StreamingData
+from dataset.multimodal.text_renderer import (
     ARC_GRAY_LEVELS,
     render_grid,
     render_grid_panel,
@@ -275,7 +275,7 @@ def test_builder_lock_and_resume_in_steps(code_dir: Path, tmp_path: Path) -> Non
 
 
 def test_text_sources_stories_and_changed_sources(tmp_path: Path) -> None:
-    from dataset.story_generator import generate_story, write_stories
+    from dataset.multimodal.story_generator import generate_story, write_stories
 
     assert generate_story(3, seed=1) == generate_story(3, seed=1) != generate_story(4, seed=1)
     files = write_stories(tmp_path / "gen", 5, seed=1, stories_per_file=2)
@@ -465,7 +465,7 @@ def test_setup_rejects_malformed_files_and_mismatched_config(code_dir: Path, tmp
 
 
 class TinyEncoder(torch.nn.Module):
-    """Stands in for models.multimodal_trm.CapsuleEncoder: float images [B,1,H,W] -> [B, 3, 4]."""
+    """Stands in for models.multimodal.multimodal_trm.CapsuleEncoder: float images [B,1,H,W] -> [B, 3, 4]."""
 
     def __init__(self, num_capsules: int = 3, dim: int = 4) -> None:
         super().__init__()
@@ -516,7 +516,7 @@ def test_pre_encode_with_a_frozen_encoder(code_dir: Path, tmp_path: Path) -> Non
 
 @pytest.mark.skipif(not (ARC_DIR / "arc-agi_training_challenges.json").is_file(), reason=f"no ARC files in {ARC_DIR}")
 def test_arc_source(tmp_path: Path) -> None:
-    from dataset.arc import load_subset
+    from dataset.reasoning.arc import load_subset
 
     builder = VisionUnifiedBuilder(
         tmp_path / "arc", arc_dir=str(ARC_DIR), arc_max_tasks=3, target_len=1000, examples_per_batch=4,
@@ -550,7 +550,7 @@ def test_arc_source(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- CLI
 def test_train_py_dataset_only_and_rebuild(code_dir: Path, tmp_path: Path) -> None:
     overrides = [
-        "data=vision_unified", f"paths.data_root={tmp_path / 'data'}", f"paths.root={tmp_path / 'ck'}",
+        "data=multimodal/vision_unified", f"paths.data_root={tmp_path / 'data'}", f"paths.root={tmp_path / 'ck'}",
         "data.examples_per_batch=4", "data.batches_per_consolidated=3", "data.max_examples=30",
         "data.generate_stories=4", f"data.code_dirs=['{code_dir}']", "data.val_every=3", "data.target_len=24",
     ]

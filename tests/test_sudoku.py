@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dataset import sudoku as sudoku_module
+from dataset.reasoning import sudoku as sudoku_module
 from dataset.base import DiskDatasetBuilder
-from dataset.sudoku import (
+from dataset.reasoning.sudoku import (
     SudokuAugmentation,
     SudokuAugmentationBatch,
     SudokuBuilder,
@@ -31,8 +31,8 @@ from dataset.sudoku import (
     write_csv,
 )
 from tests.conftest import CONF_DIR, compose_config
-from utils.config_validation import validate_config
-from utils.puzzle_evaluators import SudokuValidity
+from utils.config.validation import validate_config
+from dataset.reasoning.evaluators import SudokuValidity
 
 BOXES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
 
@@ -436,7 +436,7 @@ def test_sudoku_validity_6x6_boxes_and_errors() -> None:
 
 
 def test_evaluators_yaml_instantiates() -> None:
-    evaluators = OmegaConf.load(CONF_DIR / "evaluators" / "sudoku.yaml")
+    evaluators = OmegaConf.load(CONF_DIR / "evaluators" / "reasoning" / "sudoku.yaml")
     built = {name: instantiate(node) for name, node in evaluators.items()}
     assert isinstance(built["valid_grid"], SudokuValidity) and built["valid_grid"].seq_len is None
     assert instantiate(evaluators.valid_grid, seq_len=81).n == 9
@@ -447,14 +447,14 @@ def test_config_composes_and_builds(tmp_path: Path) -> None:
     cfg = compose_config(
         "run_name=test",
         f"paths.data_root={tmp_path / 'data'}",
-        "data=sudoku",
-        "evaluators=sudoku",
+        "data=reasoning/sudoku",
+        "evaluators=reasoning/sudoku",
         "data.num_train_puzzles=40",
         "data.num_val_puzzles=20",
         "data.num_aug=1",
     )
     validate_config(cfg)
-    assert cfg.data._target_ == "dataset.sudoku.SudokuData"
+    assert cfg.data._target_ == "dataset.reasoning.sudoku.SudokuData"
     data = instantiate(cfg.data)
     assert isinstance(data, SudokuData) and data.root.parent == tmp_path / "data"
     data.prepare_data()

@@ -1,7 +1,7 @@
 """Sweeps end to end: `python pretrain.py -m ...` in subprocesses, tiny debug-sized jobs (~1 minute in all).
 
 * A 2x2 grid: one deterministic directory per job, a summary table of the monitored metric (printed and
-  in <sweep dir>/summary.tsv, from the utils.sweep_summary callback); the same command again resumes
+  in <sweep dir>/summary.tsv, from the utils.monitoring.sweep_summary callback); the same command again resumes
   every job (no new training) and reports the same table.
 * `hparams_search=grokking_optuna`: the Optuna sweeper runs its trials and writes optimization_results.yaml;
   a failing trial is recorded as FAILED and the study goes on.

@@ -2,7 +2,7 @@
 
 Each run is a 1-layer width-32 transformer on x/y mod 23 (see tests/conftest.py), a fraction of a
 second on one CPU thread. Assertions read what a user would read: the FitResult, metrics.jsonl
-(utils.run_logging.read_metrics) and the checkpoint files in the run directory.
+(utils.monitoring.run_logging.read_metrics) and the checkpoint files in the run directory.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import pretrain
-from dataset.modular_arithmetic import num_train
-from utils.checkpoint import load_checkpoint
-from utils.config_validation import ConfigError, validate_config
+from dataset.grokking.modular_arithmetic import num_train
+from utils.storage.checkpoint import load_checkpoint
+from utils.config.validation import ConfigError, validate_config
 from utils.distributed import DistInfo
-from utils.run_logging import read_metrics
-from utils.trainer import NonFiniteError, Trainer
+from utils.monitoring.run_logging import read_metrics
+from utils.training.trainer import NonFiniteError, Trainer
 
 P = 23
 BATCH = 64
@@ -317,7 +317,7 @@ def test_grad_filter_component_naming_no_module_is_an_error(tmp_path: Path, make
 # ------------------------------------------------------------------------------- components (optimizers)
 HEAD_COMPONENT = (
     "+optim.components.head={modules:[head],lr:0.01,"
-    "schedule:{_target_:utils.schedules.constant,_partial_:true,warmup_steps:0}}"
+    "schedule:{_target_:utils.optim.schedules.constant,_partial_:true,warmup_steps:0}}"
 )
 
 

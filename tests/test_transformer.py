@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset.modular_arithmetic import ModularArithmeticData
+from dataset.grokking.modular_arithmetic import ModularArithmeticData
 from losses.classification import CrossEntropyTerm
-from models.transformer import DecoderTransformer
+from models.grokking.transformer import DecoderTransformer
 
 
 def _tokens(batch: int, seq_len: int, vocab: int, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,157 @@
+"""Fail fast on a config that would silently do the wrong thing.
+
+Two checks, both run before any model is built:
+1. The composed config is merged onto the typed schema (`utils.config.schema.LauncherConfig`), so an
+   unknown key or a wrongly typed value in a launcher group raises with the key's full name.
+2. Every `_target_` node (model, data, loss terms, evaluators, schedule, grad filter, loggers) is
+   checked against its target's signature: a key the callable does not accept is an error naming the
+   key, the target and the accepted names; a literal of the wrong basic type likewise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any, Iterator
+
+from hydra.utils import get_method
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from utils.config.schema import LauncherConfig
+
+# Keys Hydra interprets itself inside a `_target_` node.
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+# Keys the launcher consumes from a target node before instantiating it.
+_LAUNCHER_KEYS = {"weight_schedule"}
+# The optim node's own keys (utils.optim.builder.build_optimizers); its null keys are not passed on.
+_OPTIM_KEYS = {"param_groups", "components", "modules", "schedule"}
+
+
+class ConfigError(ValueError):
+    """A config value the launcher cannot use; the message names the key and the fix."""
+
+
+def validate_config(cfg: DictConfig) -> DictConfig:
+    """Return `cfg` merged onto the schema (typed, struct mode); raise ConfigError on any problem."""
+    schema = OmegaConf.structured(LauncherConfig)
+    user = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    try:
+        merged = OmegaConf.merge(schema, user)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(
+            f"Invalid config key or value at '{key}': {err.msg if hasattr(err, 'msg') else err}. "
+            "Check the spelling and type against conf/ (python pretrain.py --cfg job prints the full config)."
+        ) from None
+    OmegaConf.set_struct(merged, True)
+    for path, node in _target_nodes(merged):
+        check_target_node(path, node)
+    _check_trainer(merged)
+    return merged
+
+
+def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
+    if isinstance(node, (DictConfig, ListConfig)) and (node._is_none() or node._is_missing()):
+        return
+    if isinstance(node, DictConfig):
+        if node.get("_target_") is not None:
+            yield path, node
+        for key in node.keys():
+            child_path = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                continue
+            yield from _target_nodes(node._get_node(key), child_path)
+    elif isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            yield from _target_nodes(item, f"{path}[{i}]")
+
+
+def check_target_node(path: str, node: DictConfig) -> None:
+    """Check one `_target_` node's keys (and literal types) against the target's signature."""
+    target = node._target_
+    try:
+        fn = get_method(target) if not isinstance(target, type) else target
+    except Exception as err:  # hydra raises a bare Exception subclass for import failures
+        raise ConfigError(f"'{path}._target_: {target}' cannot be imported: {err}") from None
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: nothing to check
+    params = sig.parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    try:
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    except Exception:  # unresolvable forward references: skip type checks, keep name checks
+        hints = {}
+    is_optim = path == "optim" or path.startswith("optim.components.")
+    for key in node.keys():
+        if key in _HYDRA_KEYS or key in _LAUNCHER_KEYS:
+            continue
+        if is_optim and (key in _OPTIM_KEYS or node._get_node(key)._is_none()):
+            continue
+        if key not in params:
+            if takes_kwargs:
+                continue
+            accepted = sorted(n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL,))
+            raise ConfigError(
+                f"Unknown key '{path}.{key}' for {target}. Accepted keys: {', '.join(accepted)}."
+            )
+        _check_literal_type(path, key, node, hints.get(key))
+
+
+_BASIC = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+
+
+def _check_literal_type(path: str, key: str, node: DictConfig, hint: Any) -> None:
+    if hint is None or OmegaConf.is_missing(node, key):
+        return
+    child = node._get_node(key)
+    if child is None or child._is_interpolation():
+        return
+    value = child._value()
+    if value is None or isinstance(value, (DictConfig, ListConfig)):
+        return
+    allowed = _allowed_types(hint)
+    if allowed is None:
+        return
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False
+    else:
+        ok = isinstance(value, allowed)
+    if not ok:
+        names = "/".join(t.__name__ for t in allowed)
+        raise ConfigError(f"'{path}.{key}' must be {names}, got {type(value).__name__} {value!r}.")
+
+
+def _allowed_types(hint: Any) -> tuple[type, ...] | None:
+    """The basic python types a hint admits, or None when the hint is not a plain basic type."""
+    if hint in _BASIC:
+        return _BASIC[hint]
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        out: list[type] = []
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            if arg not in _BASIC:
+                return None
+            out.extend(_BASIC[arg])
+        return tuple(out) or None
+    return None
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    if t.monitor_mode not in ("min", "max"):
+        raise ConfigError(f"trainer.monitor_mode must be 'min' or 'max', got {t.monitor_mode!r}.")
+    if t.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"trainer.precision must be fp32, bf16 or fp16, got {t.precision!r}.")
+    for key in ("max_steps", "global_batch_size", "eval_interval", "log_interval"):
+        if t[key] <= 0:
+            raise ConfigError(f"trainer.{key} must be positive, got {t[key]}.")
+    if t.checkpoint.interval <= 0 or t.checkpoint.keep_last <= 0:
+        raise ConfigError("trainer.checkpoint.interval and trainer.checkpoint.keep_last must be positive.")
+    for name in ("model", "data", "loss"):
+        if cfg[name] is None:
+            raise ConfigError(f"No '{name}' configured: pick one, e.g. `{name}=...` or an `experiment=...` preset.")
