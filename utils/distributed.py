@@ -139,3 +139,13 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_from_rank0(value: int) -> int:
+    """Rank 0's `value` on every rank (identity in a single process), e.g. how many shards an epoch uses."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    packed = torch.tensor([value], dtype=torch.long, device=device)
+    dist.broadcast(packed, src=0)
+    return int(packed.item())
