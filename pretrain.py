@@ -17,7 +17,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from utils.storage.checkpoint import CheckpointError
-from utils.config.validation import ConfigError, validate_config
+from utils.config.errors import ConfigError
+from utils.config.validation import validate_config
 from utils.distributed import cleanup_distributed, init_distributed
 from utils.monitoring.run_logging import setup_logging
 from utils.signals import EXIT_ABORTED, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_NONFINITE

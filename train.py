@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dataset.prepare import prepare_dataset
 from utils.storage.checkpoint import CheckpointError, CheckpointManager
-from utils.config.validation import ConfigError, validate_config
+from utils.config.errors import ConfigError
+from utils.config.validation import validate_config
 from utils.monitoring.run_logging import setup_logging
 from utils.signals import EXIT_CONFIG
 

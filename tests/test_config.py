@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from tests.conftest import CONF_DIR, compose_config
 from utils.config.schema import TrainerConf
-from utils.config.validation import ConfigError, validate_config
+from utils.config.errors import ConfigError
+from utils.config.validation import validate_config
 
 
 def validate(*overrides: str) -> DictConfig:

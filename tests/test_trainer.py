@@ -18,7 +18,8 @@ import torch
 import pretrain
 from dataset.grokking.modular_arithmetic import num_train
 from utils.storage.checkpoint import load_checkpoint
-from utils.config.validation import ConfigError, validate_config
+from utils.config.errors import ConfigError
+from utils.config.validation import validate_config
 from utils.distributed import DistInfo
 from utils.monitoring.run_logging import read_metrics
 from utils.training.trainer import NonFiniteError, Trainer

@@ -18,6 +18,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from utils.config.errors import ConfigError
 from utils.config.schema import LauncherConfig
 
 # Keys Hydra interprets itself inside a `_target_` node.
@@ -26,10 +27,6 @@ _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 _LAUNCHER_KEYS = {"weight_schedule"}
 # The optim node's own keys (utils.optim.builder.build_optimizers); its null keys are not passed on.
 _OPTIM_KEYS = {"param_groups", "components", "modules", "schedule"}
-
-
-class ConfigError(ValueError):
-    """A config value the launcher cannot use; the message names the key and the fix."""
 
 
 def validate_config(cfg: DictConfig) -> DictConfig:

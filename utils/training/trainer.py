@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from utils.storage.checkpoint import CheckpointError, CheckpointManager, assert_finite_state
-from utils.config.validation import ConfigError
+from utils.config.errors import ConfigError
 from utils.training.data_loading import ResumableDistributedSampler, ShardSampler, make_loader
 from utils.distributed import DistInfo, all_reduce_mean, any_rank, barrier
 from utils.optim.ema import ModelEMA
