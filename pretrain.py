@@ -9,51 +9,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from utils.storage.checkpoint import CheckpointError
 from utils.config.errors import ConfigError
-from utils.config.validation import validate_config
-from utils.distributed import cleanup_distributed, init_distributed
+from utils.config.store import register_configs
 from utils.monitoring.run_logging import setup_logging
 from utils.signals import EXIT_ABORTED, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_NONFINITE
-from utils.training.trainer import FitResult, NonFiniteError, Trainer, TrainingInterrupted
+from utils.storage.checkpoint import CheckpointError
+from utils.training.runner import fit
+from utils.training.trainer import NonFiniteError, TrainingInterrupted
 
 log = logging.getLogger("pretrain")
-
-
-def resolve_run_dir(cfg: DictConfig) -> Path:
-    """paths.run_dir if set; else Hydra's output dir (sweep jobs differ); else <paths.root>/<run_name>."""
-    if cfg.paths.get("run_dir"):
-        return Path(cfg.paths.run_dir)
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path(cfg.paths.root) / cfg.run_name
-
-
-def fit(cfg: DictConfig) -> FitResult:
-    """Validate, set up the process group and logging, train. Raises on failure."""
-    cfg = validate_config(cfg)
-    run_dir = resolve_run_dir(cfg).resolve()
-    with _open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
-    dist_info = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
-    setup_logging(run_dir, dist_info.rank)
-    try:
-        if cfg.trainer.deterministic:
-            import torch
-
-            torch.use_deterministic_algorithms(True)
-        if dist_info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        return Trainer(cfg, dist_info, run_dir).fit()
-    finally:
-        cleanup_distributed()
+register_configs()  # the typed schemas must be in Hydra's ConfigStore before @hydra.main composes
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -62,12 +33,6 @@ def run(cfg: DictConfig) -> float | None:
     if result.metric is not None:
         log.info("Best %s = %.6g at step %s", cfg.trainer.monitor, result.metric, result.state.best_step)
     return result.metric
-
-
-def _open_dict(cfg: DictConfig):
-    from omegaconf import open_dict
-
-    return open_dict(cfg)
 
 
 def _exit_or_raise(code: int, err: Exception) -> None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -24,11 +22,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dataset.prepare import prepare_dataset
-from utils.storage.checkpoint import CheckpointError, CheckpointManager
 from utils.config.errors import ConfigError
+from utils.config.store import register_configs
 from utils.config.validation import validate_config
 from utils.monitoring.run_logging import setup_logging
 from utils.signals import EXIT_CONFIG
+from utils.storage.checkpoint import CheckpointError, CheckpointManager
+from utils.training.runner import move_aside
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("train")
@@ -51,17 +51,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config pretrain.py will see (hydra node included, so the run directory resolves)."""
+    register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3", job_name="pretrain"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations (run_name) resolve here too
     return cfg
-
-
-def move_aside(run_dir: Path) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = run_dir.with_name(f"{run_dir.name}.before-fresh-{stamp}")
-    shutil.move(str(run_dir), str(aside))
-    return aside
 
 
 def report_resume(run_dir: Path) -> None:
@@ -73,7 +67,7 @@ def report_resume(run_dir: Path) -> None:
         log.info("No checkpoint in %s: starting a new run.", run_dir)
     else:
         state, path = loaded
-        log.info("Auto-resume: %s is at step %d; training continues from there.", path, state["trainer"]["step"])
+        log.info("Auto-resume: %s is at step %d; training continues from there.", path, state["train_state"]["step"])
 
 
 def pretrain_command(cfg: DictConfig, passthrough: list[str]) -> list[str]:

@@ -27,6 +27,10 @@ import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from utils.config.store import register_configs
+
+register_configs()  # the typed schemas, as pretrain.py registers them
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 

@@ -50,7 +50,7 @@ def two_runs(tmp_path_factory):
     after_first = {
         "files": sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else [],
         "hydra": sorted(p.name for p in (run_dir / ".hydra").iterdir()) if (run_dir / ".hydra").exists() else [],
-        "latest_step": load(run_dir / "latest.pt")["trainer"]["step"] if (run_dir / "latest.pt").exists() else None,
+        "latest_step": load(run_dir / "latest.pt")["train_state"]["step"] if (run_dir / "latest.pt").exists() else None,
         "train_steps": train_steps(run_dir),
         "overrides": (run_dir / ".hydra" / "overrides.yaml").read_text() if (run_dir / ".hydra").exists() else "",
     }
@@ -86,7 +86,7 @@ def test_rerun_auto_resumes_and_continues_from_step_6(two_runs):
     assert len(steps) == len(set(steps))
     starts = [r for r in read_metrics(run_dir, "event") if r["event"] == "start"]
     assert [s["resumed_from_step"] for s in starts] == [0, 6]
-    assert load(run_dir / "latest.pt")["trainer"]["step"] == 9
+    assert load(run_dir / "latest.pt")["train_state"]["step"] == 9
     assert step_files(run_dir) == [3, 6, 9]
 
 
@@ -104,7 +104,7 @@ def test_fresh_moves_the_old_run_aside_and_starts_at_step_0(two_runs, tmp_path):
     assert "Resumed from" not in result.output, result
     assert train_steps(run_dir) == [1, 2, 3]
     assert [r["resumed_from_step"] for r in read_metrics(run_dir, "event") if r["event"] == "start"] == [0]
-    assert load(run_dir / "latest.pt")["trainer"]["step"] == 3
+    assert load(run_dir / "latest.pt")["train_state"]["step"] == 3
 
 
 def test_checkpoint_of_another_model_is_refused(two_runs, tmp_path):
@@ -175,7 +175,7 @@ def test_train_py_runs_the_grokking_experiment_in_the_same_dir(grokking_runs):
     run_dir = grokking_runs["base"] / "train" / "grokking_div_grokfast_ema"
     assert result.returncode == 0, result
     assert f"No checkpoint in {run_dir}" in result.output, result
-    assert load(run_dir / "latest.pt")["trainer"]["step"] == 6
+    assert load(run_dir / "latest.pt")["train_state"]["step"] == 6
 
 
 def test_multirun_gives_each_job_its_own_deterministic_dir(tmp_path):
@@ -191,7 +191,7 @@ def test_multirun_gives_each_job_its_own_deterministic_dir(tmp_path):
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(expected), sorted(sweep.iterdir())
     for name, lr in expected.items():
         ckpt = load(sweep / name / "latest.pt")
-        assert ckpt["trainer"]["step"] == 6
+        assert ckpt["train_state"]["step"] == 6
         assert ckpt["config"]["optim"]["lr"] == lr
         assert train_steps(sweep / name) == [1, 2, 3, 4, 5, 6], "each job must start from scratch in its own dir"
     assert not (root / "default").exists()
@@ -209,7 +209,7 @@ def test_every_optimizer_listed_by_help_trains(tmp_path):
             f"data.p=23,model.num_layers=1,model.width=32,optim={name},"
             "trainer.device=cpu,trainer.global_batch_size=64,trainer.max_steps=1"
         )
-        assert load(run_dir / "latest.pt")["trainer"]["step"] == 1, name
+        assert load(run_dir / "latest.pt")["train_state"]["step"] == 1, name
 
 
 # ---------------------------------------------------------------------------- cheap runs, all at once

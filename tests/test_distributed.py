@@ -243,7 +243,7 @@ def test_two_process_run_resumes_exactly_after_sigkill(runs, name):
     killed, state = run.killed
     assert len(run.workers) == 2, f"expected 2 workers under torchrun: {run.workers}\n{killed}"
     assert killed.returncode == -signal.SIGKILL, killed
-    resume_step = state["trainer"]["step"]
+    resume_step = state["train_state"]["step"]
     assert KILLS[name][1] - 5 <= resume_step < FINAL_STEP, (resume_step, killed)
     assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
     if not KILLS[name][0]:  # the workers outlived their agent just long enough to checkpoint, and said so
@@ -256,7 +256,7 @@ def test_two_process_run_resumes_exactly_after_sigkill(runs, name):
     ref = runs["ref"].result()
     assert ref.returncode == 0, ref
     final_ref, final = load(runs["ref"].run_dir / "latest.pt"), load(run.run_dir / "latest.pt")
-    assert final_ref["trainer"]["step"] == final["trainer"]["step"] == FINAL_STEP
+    assert final_ref["train_state"]["step"] == final["train_state"]["step"] == FINAL_STEP
     for key, value in final_ref["model"].items():
         assert torch.equal(value, final["model"][key]), key
     # and everything else that is not a path: optimizer, Grokfast, EMA, both ranks' RNG streams, progress
@@ -298,6 +298,6 @@ def test_train_py_with_nproc_per_node_2_starts_torchrun(runs):
     assert "torch.distributed.run" in result.output and "--nproc_per_node=2" in result.output, result
     assert "Training default on cpu x2: steps 0 -> 6, batch 16 per rank" in result.output, result
     ckpt = load(run.run_dir / "latest.pt")
-    assert ckpt["world_size"] == 2 and ckpt["trainer"]["step"] == 6
+    assert ckpt["world_size"] == 2 and ckpt["train_state"]["step"] == 6
     assert train_steps(run.run_dir) == [1, 2, 3, 4, 5, 6]
     assert [p.relative_to(run.root) for p in run.root.rglob("train.log")] == [Path("default/train.log")]

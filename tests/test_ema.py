@@ -38,30 +38,17 @@ def test_update_matches_hand_computed_decayed_average() -> None:
     assert model.lin.weight.requires_grad  # the live model is untouched
 
 
-def test_warmup_ramps_decay() -> None:
-    decay, warmup = 0.9, 4
-    model = Net()
-    ema = ModelEMA(model, decay=decay, warmup_steps=warmup)
-    expected = None
-    for k, v in enumerate([1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0]):
-        _set_weights(model, v)
-        ema.update(model)
-        d = decay * min(1.0, k / warmup)  # k = averaging updates so far; k = 0 copies
-        expected = v if expected is None else d * expected + (1 - d) * v
-    torch.testing.assert_close(ema.module.lin.weight, torch.full((2, 3), expected))
-
-
 def test_state_dict_round_trip(tmp_path) -> None:
     torch.manual_seed(0)
     model = Net()
-    ema = ModelEMA(model, decay=0.8, warmup_steps=3)
+    ema = ModelEMA(model, decay=0.8)
     for step in range(3):
         _set_weights(model, float(step))
         ema.update(model)
     path = tmp_path / "ema.pt"
     torch.save(ema.state_dict(), path)
 
-    restored = ModelEMA(Net(), decay=0.8, warmup_steps=3)
+    restored = ModelEMA(Net(), decay=0.8)
     restored.load_state_dict(torch.load(path, weights_only=True))
     for step in range(3, 7):
         _set_weights(model, float(step) ** 0.5)

@@ -57,17 +57,28 @@ def test_ema_matches_hand_computation_over_three_steps() -> None:
             torch.testing.assert_close(dict(model.named_parameters())[name].grad, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_ema_skips_params_without_grad_and_scale_lamb() -> None:
+def test_ema_skips_params_without_grad_and_configure_keeps_the_history() -> None:
     model, filt = TwoParams(), GrokfastEMA(alpha=0.5, lamb=1.0)
     model.a.grad = torch.ones(3)
     filt.apply(model)  # b has no grad: untouched, no state
     assert model.b.grad is None
     assert set(filt.state_dict()["ema"]) == {"a"}
     torch.testing.assert_close(model.a.grad, torch.full((3,), 2.0))
-    filt.scale_lamb(0.6)  # curriculum lowers lamb by 40%
+    filt.configure(lamb=0.6)  # a curriculum stage lowers lamb by 40%
     model.a.grad = torch.ones(3)
     filt.apply(model)  # ema stays 1 -> g = 1 + 0.6 * 1
     torch.testing.assert_close(model.a.grad, torch.full((3,), 1.6))
+    filt.configure()  # back to the constructor's options (a stage with grad_filter: inherit)
+    model.a.grad = torch.ones(3)
+    filt.apply(model)
+    torch.testing.assert_close(model.a.grad, torch.full((3,), 2.0))
+    filt.configure(components={"b": None})  # a component switched off; a has the defaults
+    model.a.grad, model.b.grad = torch.ones(3), torch.ones(2, 2)
+    filt.apply(model)
+    torch.testing.assert_close(model.a.grad, torch.full((3,), 2.0))
+    torch.testing.assert_close(model.b.grad, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="unknown option"):
+        filt.configure(window_size=3)
 
 
 def test_ma_warmup_and_window_mean() -> None:
@@ -157,11 +168,12 @@ def test_state_dict_round_trip_is_bitwise(make, tmp_path) -> None:
     for step in range(4):  # MA: window (3) wraps once, so the ring index is mid-lap
         _backward(model, step)
         filt.apply(model)
-    filt.scale_lamb(0.6)
+    filt.configure(lamb=0.6)
     path = tmp_path / "filter.pt"
     torch.save(filt.state_dict(), path)
 
     restored = make()
+    restored.configure(lamb=0.6)  # options come from the config (the stage), the history from the checkpoint
     restored.load_state_dict(torch.load(path, weights_only=True))
     for step in range(4, 9):
         _backward(model, step)
@@ -183,7 +195,7 @@ def test_no_filter_is_identity() -> None:
     raw = _grads(model)
     for filt in (NoFilter(), GradFilter()):
         filt.apply(model)
-        filt.scale_lamb(0.5)
+        filt.configure()
         assert filt.state_dict() == {}
         filt.load_state_dict({})
     for name, g in _grads(model).items():

@@ -118,7 +118,7 @@ def test_resume_continues_the_same_wandb_run(runs):
     assert len(dirs) == 2 and all(d.name.endswith(f"-{run_id}") for d in dirs), dirs  # one per session, same id
     assert f"W&B: offline run {run_id} (resumed)" in runs["resumed"]["stderr"], runs["resumed"]["stderr"][-3000:]
     latest = torch.load(runs["multi_dir"] / "latest.pt", map_location="cpu", weights_only=True)
-    assert latest["trainer"]["step"] == 9
+    assert latest["train_state"]["step"] == 9
     assert latest["logger_run_ids"]["wandb"] == run_id
 
 
@@ -210,7 +210,7 @@ def test_plots_written_and_report_regenerates_them(runs):
     rep = runs["report"]
     _check(rep)
     latest = torch.load(runs["multi_dir"] / "latest.pt", map_location="cpu", weights_only=True)
-    best, best_step = latest["trainer"]["best_metric"], latest["trainer"]["best_step"]
+    best, best_step = latest["train_state"]["best_metric"], latest["train_state"]["best_step"]
     out = rep["stdout"]
     assert f"best val/acc (max): {best:.6g} at step {best_step}" in out, out
     assert "steps:           9" in out and "stop reason:     max_steps=9 reached" in out, out

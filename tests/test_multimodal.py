@@ -32,7 +32,6 @@ from models.multimodal.multimodal_trm import (
 from tests.conftest import CONF_DIR, compose_config
 from dataset.multimodal.code_evaluator import CodeEvaluator, SourceExactMatch
 from utils.config.validation import validate_config
-from utils.monitoring.grad_monitor import GradientMonitor
 
 V, T, N, H, W = 258, 12, 4, 16, 32
 FACTS = {"vocab_size": V, "target_len": T, "image_size": [H, W], "in_channels": 1, "num_capsules": N}
@@ -432,32 +431,6 @@ def test_presets_compose_and_validate():
         validate_config(compose_config(f"model={name}", "loss=multimodal/default", "evaluators=multimodal/default"))
     cfg = compose_config("model=multimodal/tiny")
     assert not {"vocab_size", "target_len", "image_size", "in_channels", "num_capsules"} & set(cfg.model)
-
-
-# ---------------------------------------------------------------------------------- gradient monitor
-def test_gradient_monitor_flags_vanishing_and_exploding_layers(caplog):
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
-    model[3].requires_grad_(True)
-    for i, scale in enumerate((0.0, 1e6, 1.0)):
-        for p in model[i].parameters():
-            p.grad = torch.full_like(p, scale)
-    # model[3] has no gradient at all: skipped, not flagged
-    monitor = GradientMonitor(vanishing_threshold=1e-8, exploding_threshold=1e3, history_size=3, cleanup_interval=10)
-    with caplog.at_level(logging.WARNING, logger="utils.monitoring.grad_monitor"):
-        metrics = monitor.observe(model, step=1)
-    assert metrics["grad_monitor/vanishing_layers"] == 1 and metrics["grad_monitor/exploding_layers"] == 1
-    assert monitor.last_vanishing == ["0"] and monitor.last_exploding == ["1"]
-    assert metrics["grad_monitor/min_norm"] == 0.0 and metrics["grad_monitor/max_norm"] == pytest.approx(1e6 * math.sqrt(12))
-    assert "vanishing" in caplog.text and "0=0" in caplog.text and "1=3.46e+06" in caplog.text
-    assert set(monitor.history) == {"0", "1", "2"}
-    for step in range(2, 6):
-        monitor.observe(model, step)
-    assert all(len(h) == 3 for h in monitor.history.values())  # bounded
-    assert monitor.vanishing_total == 5 and monitor.exploding_total == 5
-    monitor.observe(model, 10)  # cleanup_interval: history and cached layer list freed
-    assert monitor.history == {} and monitor.history_len() == 0 and monitor._layers is None
-    assert monitor.observe(model, 11)["grad_monitor/vanishing_total"] == 7
-    assert GradientMonitor(interval=2).observe(model, 3) == {}
 
 
 # ---------------------------------------------------------------------------------- evaluators

@@ -64,7 +64,7 @@ def test_incremental_training_ctrl_c_and_resume_of_builder_and_trainer(tmp_path,
         first = finish(proc)
         assert first.returncode == 75, first
         assert "interrupted by SIGINT" in first.output and (run_dir / "latest.pt").exists(), first
-        stopped_at = load(run_dir / "latest.pt")["trainer"]["step"]
+        stopped_at = load(run_dir / "latest.pt")["train_state"]["step"]
 
         # The builder was not part of the Ctrl+C: it keeps writing while no trainer runs.
         written = read_manifest(root)["batches_written"]

@@ -112,9 +112,9 @@ def test_sigkill_then_rerun_is_bitwise_identical_to_an_uninterrupted_run(
 
     # What a resume will start from: loaded with the launcher's own rules (latest.pt, else newest step file).
     state, resume_path = CheckpointManager(run_dir).load_latest()
-    resume_step = state["trainer"]["step"]
+    resume_step = state["train_state"]["step"]
     assert kill_at_or_after - 5 <= resume_step < FINAL_STEP, resume_step
-    assert 0 < state["trainer"]["batches_in_epoch"] < BATCHES_PER_EPOCH, (
+    assert 0 < state["train_state"]["batches_in_epoch"] < BATCHES_PER_EPOCH, (
         f"the resume point (step {resume_step}) should be mid-epoch: {state['trainer']}"
     )
 
@@ -133,8 +133,8 @@ def test_sigkill_then_rerun_is_bitwise_identical_to_an_uninterrupted_run(
     differ = [s for s in losses_a if losses_a[s] != losses_b.get(s)]
     assert not differ, f"resumed at step {resume_step}; the loss differs from step {differ[0]} on"
     final_a, final_b = load(a_dir / "latest.pt"), load(run_dir / "latest.pt")
-    assert final_a["trainer"]["step"] == final_b["trainer"]["step"] == FINAL_STEP
-    assert final_a["trainer"]["epoch"] == EPOCHS, "the run must cross epoch boundaries"
+    assert final_a["train_state"]["step"] == final_b["train_state"]["step"] == FINAL_STEP
+    assert final_a["train_state"]["epoch"] == EPOCHS, "the run must cross epoch boundaries"
     # model, optimizer, schedule, EMA, Grokfast state, RNG streams, progress and eval history: all identical
     n = assert_tensors_equal(comparable(final_a), comparable(final_b), "latest.pt")
     assert n > 20
@@ -163,7 +163,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(uninterrupted,
     assert f"Cannot load checkpoint {newest_path}" in result.output, result
     assert f"Resumed from {run_dir / f'step_{previous:08d}.pt'} at step {previous}" in result.output, result
     final = load(run_dir / "latest.pt")
-    assert final["trainer"]["step"] == BATCHES_PER_EPOCH * (EPOCHS + 1)
+    assert final["train_state"]["step"] == BATCHES_PER_EPOCH * (EPOCHS + 1)
     assert train_steps(run_dir) == list(range(1, BATCHES_PER_EPOCH * (EPOCHS + 1) + 1))
 
 
@@ -198,7 +198,7 @@ def signalled(tmp_path_factory, datasets):
         r["metrics"] = read_metrics(r["run_dir"])
         r["log"] = (r["run_dir"] / "train.log").read_text()
         latest = r["run_dir"] / "latest.pt"
-        r["ckpt_step"] = load(latest)["trainer"]["step"] if latest.exists() else None
+        r["ckpt_step"] = load(latest)["train_state"]["step"] if latest.exists() else None
     return runs
 
 
@@ -230,7 +230,7 @@ def test_run_resumes_after_sigusr1(signalled, datasets):
     assert resume.returncode == 0, resume
     assert f"Resumed from {r['run_dir'] / 'latest.pt'} at step {step}" in resume.output, resume
     assert train_steps(r["run_dir"]) == list(range(1, step + 4))
-    assert load(r["run_dir"] / "latest.pt")["trainer"]["step"] == step + 3
+    assert load(r["run_dir"] / "latest.pt")["train_state"]["step"] == step + 3
 
 
 def test_sigint_to_train_py_reaches_the_trainer(tmp_path, datasets):
@@ -245,7 +245,7 @@ def test_sigint_to_train_py_reaches_the_trainer(tmp_path, datasets):
     assert "Handing off" in result.output and "SIGINT received" in result.output, result
     assert "checkpoint saved; run the same command again to resume" in result.output, result
     stop = [m for m in read_metrics(run_dir, "event") if m["event"] == "stop"][-1]
-    assert load(run_dir / "latest.pt")["trainer"]["step"] == stop["step"]
+    assert load(run_dir / "latest.pt")["train_state"]["step"] == stop["step"]
 
 
 def test_second_sigint_aborts_at_once_with_130(tmp_path, datasets):
@@ -287,4 +287,4 @@ def test_diverging_run_stops_with_exit_3_and_keeps_only_finite_checkpoints(tmp_p
     for path in saved:
         tensors = [t for t in all_tensors(load(path)) if t.is_floating_point()]
         assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors), f"{path.name} has NaN/Inf"
-    assert load(run_dir / "latest.pt")["trainer"]["step"] < 50
+    assert load(run_dir / "latest.pt")["train_state"]["step"] < 50

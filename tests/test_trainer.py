@@ -108,8 +108,8 @@ def test_default_job_trains_and_fills_the_run_dir(tmp_path: Path, make_cfg) -> N
     assert events == ["start", "stop"]
 
     latest = load(rd / "latest.pt")
-    assert latest["trainer"]["step"] == 60
-    assert [h["step"] for h in latest["trainer"]["history"]] == [20, 40, 60]
+    assert latest["train_state"]["step"] == 60
+    assert [h["step"] for h in latest["train_state"]["history"]] == [20, 40, 60]
     assert latest["config"]["trainer"]["max_steps"] == 60
     # The default job monitors val/acc (max); the FitResult reports the best of the evaluations.
     assert result.metric == max(r["val/acc"] for r in val)
@@ -407,13 +407,13 @@ def test_nonfinite_loss_stops_after_the_limit_and_keeps_the_last_good_checkpoint
     pretrain.fit(make_cfg(tmp_path, "trainer.max_steps=10"))
     rd = run_dir(tmp_path)
     good = load(rd / "latest.pt")
-    assert good["trainer"]["step"] == 10
+    assert good["train_state"]["step"] == 10
     # Resume the same run with a loss that is NaN at every step.
     cfg = make_cfg(tmp_path, "trainer.max_steps=20", "loss.terms.ce.weight=nan", "++trainer.max_consecutive_nonfinite=3")
     with pytest.raises(NonFiniteError, match=r"3 consecutive non-finite steps \(trainer.max_consecutive_nonfinite=3\)"):
         pretrain.fit(cfg)
     after = load(rd / "latest.pt")
-    assert after["trainer"]["step"] == 10
+    assert after["train_state"]["step"] == 10
     assert all_finite(after["model"])
     assert_tensors_equal(after["model"], good["model"])
     assert max(r["step"] for r in train_records(rd)) == 10  # skipped steps log nothing
@@ -462,7 +462,7 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path:
     assert s.step == 6
     assert s.best_step == 2 and s.evals_without_improvement == 2
     assert s.stop_reason.startswith("early stopping")
-    assert load(run_dir(tmp_path) / "latest.pt")["trainer"]["step"] == 6
+    assert load(run_dir(tmp_path) / "latest.pt")["train_state"]["step"] == 6
 
 
 @pytest.mark.parametrize(
@@ -527,7 +527,7 @@ def test_max_epochs_stops_at_the_end_of_the_first_epoch(tmp_path: Path, make_cfg
     rd = run_dir(tmp_path)
     assert [r["step"] for r in val_records(rd)] == [STEPS_PER_EPOCH]  # evaluated once, at the end
     latest = load(rd / "latest.pt")
-    assert latest["trainer"]["step"] == STEPS_PER_EPOCH and latest["trainer"]["epoch"] == 1
+    assert latest["train_state"]["step"] == STEPS_PER_EPOCH and latest["train_state"]["epoch"] == 1
 
 
 def test_detect_anomaly_debug_preset_runs(tmp_path: Path, make_cfg) -> None:

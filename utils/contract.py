@@ -52,7 +52,7 @@ class LocalLearner(Protocol):
     """A model that learns with a local rule instead of back-propagation (Oja, Hebbian, LPL...).
 
     The loop runs `forward` under torch.no_grad(), computes the loss for logging only, then calls
-    `local_update(batch, outputs)`, which writes each trainable parameter's update into `p.grad` as a
+    `local_update(batch, outputs)` (also under no_grad), which writes each trainable parameter's update into `p.grad` as a
     descent direction: the configured optimizer applies it (`optim=sgd optim.lr=1` applies it as is,
     `p -= grad`). Everything after that is the same as for back-propagation: under torchrun the updates
     are averaged across ranks (as DDP averages gradients, so the ranks stay identical), the non-finite

@@ -1,10 +1,15 @@
-"""Typed schemas for the launcher's own config groups.
+"""Typed schemas of the launcher's own config: each default is written here, once.
 
-The composed Hydra config is merged onto `LauncherConfig` before anything runs, so an unknown key
-(`optim.lrr=1`) or a value of the wrong type (`trainer.max_steps=abc`) fails at once with an error
-naming the key. Groups whose content depends on the chosen class (`model`, `data`, `loss`,
-`evaluators`, `schedule`, `grad_filter`) are `_target_` nodes: they are checked against the target's
-constructor signature instead (see `utils.config.validation`).
+`utils.config.store.register_configs()` registers them with Hydra's ConfigStore: `launcher_schema` is the
+first entry of conf/config.yaml's defaults list, so every YAML file and command-line override is merged
+onto these types while Hydra composes; an unknown key (`trainer.max_stepz=5`) or a value of the wrong
+type (`trainer.max_steps=abc`) fails with the key named. `trainer/default` and `paths/default` are these
+dataclasses too (conf/trainer/ddp.yaml builds on the first).
+
+Groups whose keys depend on the chosen class (`model`, `data`, `loss`, `evaluators`, `optim`,
+`schedule`, `grad_filter`, `logger`, `callbacks`) are `_target_` nodes: their schema is the target's own
+signature, checked by `utils.config.validation` (the code is the schema, so AdamAtan2's or `fused`
+options need no entry here).
 """
 
 from __future__ import annotations
@@ -14,47 +19,10 @@ from typing import Any, Dict, List, Optional
 
 
 @dataclass
-class ParamGroupConf:
-    params: str = "???"  # fnmatch glob on full parameter names
-    lr: Optional[float] = None
-    weight_decay: Optional[float] = None
-
-
-@dataclass
-class OptimComponentConf:
-    """An extra optimizer over named submodules (e.g. core / memory / halting)."""
-
-    modules: List[str] = field(default_factory=list)
-    _target_: Optional[str] = None
-    lr: Optional[float] = None
-    weight_decay: Optional[float] = None
-    betas: Optional[List[float]] = None
-    eps: Optional[float] = None
-    momentum: Optional[float] = None
-    nesterov: Optional[bool] = None
-    schedule: Optional[Any] = None  # a `schedule` node overriding the global one for this optimizer
-
-
-@dataclass
-class OptimConf:
-    """The main optimizer. Keys left null are not passed to the optimizer class."""
-
-    _target_: Optional[str] = "torch.optim.AdamW"
-    lr: float = 1e-3
-    weight_decay: Optional[float] = None
-    betas: Optional[List[float]] = None
-    eps: Optional[float] = None
-    momentum: Optional[float] = None
-    nesterov: Optional[bool] = None
-    param_groups: List[ParamGroupConf] = field(default_factory=list)
-    components: Dict[str, OptimComponentConf] = field(default_factory=dict)
-
-
-@dataclass
 class EMAConf:
     enabled: bool = False
     decay: float = 0.999
-    use_for_eval: bool = True
+    use_for_eval: bool = True  # evaluate (and pick best.pt by) the EMA weights
 
 
 @dataclass
@@ -67,7 +35,9 @@ class EarlyStoppingConf:
 
 @dataclass
 class CheckpointConf:
-    interval: int = 500  # steps between `latest.pt` saves (also saved at every evaluation and on shutdown)
+    # Steps (500, "500 steps") or epochs ("5 epochs") between saves; also saved at every evaluation, at a
+    # stage change and on shutdown.
+    interval: Any = 500
     keep_last: int = 3
     save_best: bool = True
     resume: bool = True  # auto-resume from the run directory's newest valid checkpoint
@@ -80,8 +50,6 @@ class GradMonitorConf:
     enabled: bool = False
     vanishing_threshold: float = 1e-7
     exploding_threshold: float = 1e3
-    history_size: int = 100  # norms kept per layer
-    cleanup_interval: int = 1000  # steps between freeing the history and the cached layer list
     warn_interval: int = 100  # at most one warning per this many steps
 
 
@@ -89,18 +57,21 @@ class GradMonitorConf:
 class TrainerConf:
     max_steps: int = 1000
     max_epochs: Optional[int] = None  # stop after this many passes over the train set (whichever comes first)
-    global_batch_size: int = 512  # split across ranks
+    global_batch_size: int = 512  # the batch of one optimizer step, split across ranks
     eval_batch_size: Optional[int] = None  # per rank; defaults to the per-rank train batch size
-    eval_interval: int = 100  # steps
-    eval_max_batches: Optional[int] = None
-    log_interval: int = 10
-    monitor: str = "val/loss"
+    eval_interval: Any = 100  # steps (100, "100 steps") or epochs ("5 epochs"), see utils/training/intervals.py
+    eval_max_batches: Optional[int] = None  # evaluate on a subset (a fixed shuffle of the validation set)
+    log_interval: int = 10  # steps
+    # Training-curve figures: null draws them at evaluations (at most every 30 s) and at the end; an
+    # interval (steps or epochs) draws them exactly then.
+    plot_interval: Any = None
+    monitor: str = "val/loss"  # the metric early stopping, best.pt and sweeps use
     monitor_mode: str = "min"  # min | max
     early_stopping: EarlyStoppingConf = field(default_factory=EarlyStoppingConf)
     ema: EMAConf = field(default_factory=EMAConf)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
     grad_monitor: GradMonitorConf = field(default_factory=GradMonitorConf)
-    grad_clip: Optional[float] = 1.0  # max total grad norm; null disables
+    grad_clip: Optional[float] = 1.0  # max total grad norm (or local-update norm); null disables
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a GradScaler, GPU only)
     compile: bool = False
     detect_anomaly: bool = False
@@ -113,9 +84,42 @@ class TrainerConf:
 
 
 @dataclass
+class AdvanceConf:
+    """When a curriculum stage ends before its budget: exactly one of `threshold` or `patience`."""
+
+    monitor: Optional[str] = None  # default: trainer.monitor
+    mode: Optional[str] = None  # min | max; default: trainer.monitor_mode
+    threshold: Optional[float] = None  # the metric reached this value
+    patience: Optional[int] = None  # this many evaluations without an improvement above min_delta
+    min_delta: float = 0.0
+
+
+@dataclass
+class StageConf:
+    """One curriculum stage (utils/training/curriculum.py); every key but `name` is optional."""
+
+    name: str = "???"
+    max_steps: Optional[int] = None  # the stage's own step budget
+    advance: Optional[AdvanceConf] = None
+    data: Optional[Any] = None  # merged onto `data` (a node with `_target_` replaces it)
+    batch_size: Optional[int] = None  # the global batch size in this stage
+    loss_weights: Dict[str, float] = field(default_factory=dict)
+    grad_filter: Any = "inherit"  # inherit | off | {alpha, lamb, window_size, components}
+    freeze: List[str] = field(default_factory=list)  # module prefixes not updated in this stage
+    lr_scale: Dict[str, float] = field(default_factory=dict)  # optimizer name -> factor on its learning rate
+    model: Dict[str, Any] = field(default_factory=dict)  # runtime knobs: attributes of the model
+
+
+@dataclass
+class CurriculumConf:
+    stages: List[StageConf] = field(default_factory=list)
+
+
+@dataclass
 class PathsConf:
+    # Relative paths resolve against the directory you launch from (the repository root in the README).
     root: str = "checkpoints"  # every run writes to <root>/<run_name>
-    data_root: str = "datasets"
+    data_root: str = "datasets"  # built datasets, one directory per parameter set
     run_dir: Optional[str] = None  # filled in at start-up from Hydra's output dir (or <root>/<run_name>)
 
 
@@ -123,15 +127,19 @@ class PathsConf:
 class LauncherConfig:
     run_name: str = "default"
     seed: int = 0
+    notes: Optional[str] = None
     model: Any = None
     data: Any = None
     loss: Any = None
     evaluators: Dict[str, Any] = field(default_factory=dict)
-    optim: OptimConf = field(default_factory=OptimConf)
-    schedule: Any = None
+    # The main optimizer as a `_partial_` `_target_` node, plus the launcher's `param_groups` (fnmatch globs
+    # with their own settings) and `components` (extra optimizers over named submodules): utils/optim/builder.py.
+    optim: Any = None
+    schedule: Any = None  # a `_partial_` factory(optimizer, total_steps): utils/optim/schedules.py
     grad_filter: Any = None
     trainer: TrainerConf = field(default_factory=TrainerConf)
+    curriculum: Optional[CurriculumConf] = None  # none: one stage that changes nothing
+    callbacks: Dict[str, Any] = field(default_factory=dict)  # named `_target_` nodes (utils/training/callbacks.py)
     # Experiment trackers by name (`_target_` nodes); the local train.log and metrics.jsonl are always written.
     logger: Dict[str, Any] = field(default_factory=dict)
     paths: PathsConf = field(default_factory=PathsConf)
-    notes: Optional[str] = None

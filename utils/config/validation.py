@@ -10,16 +10,19 @@ Two checks, both run before any model is built:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from typing import Any, Iterator
 
+import torch
 from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from utils.config.errors import ConfigError
+from utils.config.errors import ConfigError, from_omegaconf, nearest_keys
 from utils.config.schema import LauncherConfig
+from utils.training.intervals import parse_interval
 
 # Keys Hydra interprets itself inside a `_target_` node.
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -29,23 +32,71 @@ _LAUNCHER_KEYS = {"weight_schedule"}
 _OPTIM_KEYS = {"param_groups", "components", "modules", "schedule"}
 
 
-def validate_config(cfg: DictConfig) -> DictConfig:
-    """Return `cfg` merged onto the schema (typed, struct mode); raise ConfigError on any problem."""
+def validate_config(cfg: DictConfig, model_given: bool = False) -> DictConfig:
+    """Return `cfg` merged onto the schema (typed, struct mode); raise ConfigError on any problem.
+
+    `model_given`: the caller trains a model instance (the Python API), so `model` may be unset."""
     schema = OmegaConf.structured(LauncherConfig)
     user = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
     try:
         merged = OmegaConf.merge(schema, user)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(
-            f"Invalid config key or value at '{key}': {err.msg if hasattr(err, 'msg') else err}. "
-            "Check the spelling and type against conf/ (python pretrain.py --cfg job prints the full config)."
-        ) from None
+        raise from_omegaconf(err) from None
     OmegaConf.set_struct(merged, True)
+    _check_schema_keys(merged, "")
     for path, node in _target_nodes(merged):
         check_target_node(path, node)
-    _check_trainer(merged)
+    _check_optim_components(merged)
+    _check_trainer(merged, model_given)
+    _check_curriculum(merged)
     return merged
+
+
+def _check_schema_keys(node: DictConfig, path: str) -> None:
+    """Hydra's `+key=value` can add keys to a typed node; a key its dataclass lacks is a typo."""
+    node_type = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(node_type):
+        known = [f.name for f in dataclasses.fields(node_type)]
+        for key in node.keys():
+            if key not in known:
+                full = f"{path}.{key}" if path else str(key)
+                raise ConfigError(
+                    f"Unknown config key '{full}'{nearest_keys(str(key), known)} "
+                    f"(valid keys{' of ' + path if path else ''}: {', '.join(known)})."
+                )
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing() \
+                and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            _check_schema_keys(child, f"{path}.{key}" if path else str(key))
+
+
+def _check_optim_components(cfg: DictConfig) -> None:
+    """A component without its own `_target_` inherits the main optimizer's: check its keys against that."""
+    optim = cfg.optim
+    if not isinstance(optim, DictConfig) or optim.get("_target_") is None:
+        return
+    for name, component in (optim.get("components") or {}).items():
+        if isinstance(component, DictConfig) and component.get("_target_") is None:
+            inherited = OmegaConf.merge({"_target_": optim._target_}, component)
+            check_target_node(f"optim.components.{name}", inherited)
+
+
+def _check_curriculum(cfg: DictConfig) -> None:
+    """Each stage's data node (the base `data` with the stage's overrides) must fit its target's signature."""
+    if cfg.curriculum is None:
+        return
+    for i, stage in enumerate(cfg.curriculum.stages):
+        if stage.data is None:
+            continue
+        where = f"curriculum.stages[{i}].data"
+        if "_target_" in stage.data:
+            continue  # a full node: already checked with every other `_target_` node
+        try:
+            merged = OmegaConf.merge(cfg.data, stage.data)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"'{where}': {err.msg if hasattr(err, 'msg') else err}") from None
+        check_target_node(where, merged)
 
 
 def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
@@ -122,7 +173,11 @@ def _check_literal_type(path: str, key: str, node: DictConfig, hint: Any) -> Non
 
 
 def _allowed_types(hint: Any) -> tuple[type, ...] | None:
-    """The basic python types a hint admits, or None when the hint is not a plain basic type."""
+    """The basic python types a hint admits for a literal, or None when anything might do.
+
+    `Union[float, Tensor]` (torch's `lr`) admits the literals int/float: a Tensor cannot be written in a
+    config, so its arm adds nothing; a `str`, `Any` or unknown arm makes the check give up.
+    """
     if hint in _BASIC:
         return _BASIC[hint]
     origin = typing.get_origin(hint)
@@ -131,24 +186,29 @@ def _allowed_types(hint: Any) -> tuple[type, ...] | None:
         for arg in typing.get_args(hint):
             if arg is type(None):
                 continue
-            if arg not in _BASIC:
+            if arg in _BASIC:
+                out.extend(_BASIC[arg])
+            elif arg is not torch.Tensor:
                 return None
-            out.extend(_BASIC[arg])
         return tuple(out) or None
     return None
 
 
-def _check_trainer(cfg: DictConfig) -> None:
+def _check_trainer(cfg: DictConfig, model_given: bool) -> None:
     t = cfg.trainer
     if t.monitor_mode not in ("min", "max"):
         raise ConfigError(f"trainer.monitor_mode must be 'min' or 'max', got {t.monitor_mode!r}.")
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"trainer.precision must be fp32, bf16 or fp16, got {t.precision!r}.")
-    for key in ("max_steps", "global_batch_size", "eval_interval", "log_interval"):
+    for key in ("max_steps", "global_batch_size", "log_interval"):
         if t[key] <= 0:
             raise ConfigError(f"trainer.{key} must be positive, got {t[key]}.")
-    if t.checkpoint.interval <= 0 or t.checkpoint.keep_last <= 0:
-        raise ConfigError("trainer.checkpoint.interval and trainer.checkpoint.keep_last must be positive.")
-    for name in ("model", "data", "loss"):
+    if t.checkpoint.keep_last <= 0:
+        raise ConfigError(f"trainer.checkpoint.keep_last must be positive, got {t.checkpoint.keep_last}.")
+    parse_interval(t.eval_interval, "trainer.eval_interval")
+    parse_interval(t.checkpoint.interval, "trainer.checkpoint.interval")
+    if t.plot_interval is not None:
+        parse_interval(t.plot_interval, "trainer.plot_interval")
+    for name in ("data", "loss") if model_given else ("model", "data", "loss"):
         if cfg[name] is None:
             raise ConfigError(f"No '{name}' configured: pick one, e.g. `{name}=...` or an `experiment=...` preset.")

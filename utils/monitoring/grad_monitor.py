@@ -1,4 +1,4 @@
-"""Per-layer gradient-flow monitoring: vanishing and exploding gradients, with a bounded history.
+"""Per-layer gradient-flow monitoring: vanishing and exploding gradients.
 
 ``GradientMonitor.observe(model, step)`` is meant to be called by the training loop after backward and
 before the optimizer step (after unscaling, for fp16). It measures the gradient norm of every
@@ -14,18 +14,12 @@ problem does not flood the log), counts them, and returns metrics for the loop t
 Layers whose trainable parameters all have no gradient at this step (not in the graph, e.g. a
 switched-off branch) are skipped, not flagged. Norms are computed on the device with one
 ``torch._foreach_norm`` and read back with a single host sync.
-
-Memory: the per-layer history (``history``: step, norm) is a deque of at most ``history_size`` entries
-per layer, and every ``cleanup_interval`` steps the monitor drops its history and its cached layer
-list (rebuilt on the next call), so a long run holds a bounded amount of host memory whatever the
-model. ``interval`` measures only every N-th step (``observe`` returns {} on the others).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from typing import Any
 
 import torch
@@ -41,9 +35,6 @@ class GradientMonitor:
         self,
         vanishing_threshold: float = 1e-7,
         exploding_threshold: float = 1e3,
-        history_size: int = 100,
-        cleanup_interval: int = 1000,
-        interval: int = 1,
         warn_interval: int = 100,
         max_names_in_warning: int = 10,
     ) -> None:
@@ -52,14 +43,10 @@ class GradientMonitor:
                 f"grad_monitor thresholds must satisfy 0 <= vanishing_threshold < exploding_threshold, got "
                 f"vanishing_threshold={vanishing_threshold}, exploding_threshold={exploding_threshold}"
             )
-        for name, value in (("history_size", history_size), ("cleanup_interval", cleanup_interval),
-                            ("interval", interval), ("warn_interval", warn_interval)):
-            if value < 1:
-                raise ValueError(f"grad_monitor.{name} must be >= 1, got {value}")
+        if warn_interval < 1:
+            raise ValueError(f"grad_monitor.warn_interval must be >= 1, got {warn_interval}")
         self.vanishing_threshold, self.exploding_threshold = float(vanishing_threshold), float(exploding_threshold)
-        self.history_size, self.cleanup_interval, self.interval = history_size, cleanup_interval, interval
         self.warn_interval, self.max_names_in_warning = warn_interval, max_names_in_warning
-        self.history: dict[str, deque[tuple[int, float]]] = {}
         self.vanishing_total = 0
         self.exploding_total = 0
         self.last_vanishing: list[str] = []
@@ -108,18 +95,13 @@ class GradientMonitor:
         return dict(zip(names, squares.sqrt().tolist()))
 
     def observe(self, model: nn.Module, step: int) -> dict[str, float]:
-        """Measure, flag, record; returns the metrics to log (empty on steps skipped by ``interval``)."""
-        if step % self.interval:
-            self._maybe_cleanup(step)
-            return {}
+        """Measure and flag; returns the metrics to log."""
         norms = self.layer_norms(model)
         vanishing = [n for n, v in norms.items() if v < self.vanishing_threshold]
         exploding = [n for n, v in norms.items() if v > self.exploding_threshold or not math.isfinite(v)]
         self.vanishing_total += len(vanishing)
         self.exploding_total += len(exploding)
         self.last_vanishing, self.last_exploding = vanishing, exploding
-        for name, value in norms.items():
-            self.history.setdefault(name, deque(maxlen=self.history_size)).append((step, value))
         if (vanishing or exploding) and self._warning_due(step):
             self._last_warning_step = step
             parts = []
@@ -141,7 +123,6 @@ class GradientMonitor:
                 "grad_monitor/max_norm": values[-1],
                 "grad_monitor/median_norm": values[len(values) // 2],
             })
-        self._maybe_cleanup(step)
         return metrics
 
     def _warning_due(self, step: int) -> bool:
@@ -152,22 +133,9 @@ class GradientMonitor:
         more = len(names) - self.max_names_in_warning
         return shown + (f" (+{more} more)" if more > 0 else "")
 
-    # ------------------------------------------------------------------ memory
-    def _maybe_cleanup(self, step: int) -> None:
-        if step > 0 and step % self.cleanup_interval == 0:
-            self.cleanup()
-
-    def cleanup(self) -> None:
-        """Drop the history and the cached layer list (counters are kept)."""
-        self.history = {}
-        self._layers, self._layers_of = None, None
-
-    def history_len(self) -> int:
-        return sum(len(h) for h in self.history.values())
-
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """The counters (ints): the history is a diagnostic and is not carried across a resume."""
+        """The counters (ints)."""
         return {"vanishing_total": self.vanishing_total, "exploding_total": self.exploding_total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

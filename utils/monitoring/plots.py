@@ -119,6 +119,23 @@ def _plot_lines(ax: Any, series: dict[str, tuple[list[int], list[float]]], keys:
     return drawn
 
 
+def _stage_starts(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(step, name) of every curriculum stage change after the first stage (the last record per stage wins)."""
+    starts: dict[int, tuple[int, str]] = {}
+    for rec in records:
+        if rec.get("kind") == "event" and rec.get("event") == "stage" and rec.get("stage", 0) > 0:
+            starts[int(rec["stage"])] = (int(rec["step"]), str(rec.get("name", rec["stage"])))
+    return [starts[k] for k in sorted(starts)]
+
+
+def _mark_stages(ax: Any, stages: list[tuple[int, str]]) -> None:
+    """A dotted vertical line at each stage change, labelled with the stage's name at the top."""
+    for step, name in stages:
+        ax.axvline(step, color="0.4", linestyle=":", linewidth=1.0)
+        ax.annotate(name, xy=(step, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=7, color="0.3")
+
+
 def make_plots(run_dir: Path | str, records: list[dict[str, Any]] | None = None) -> dict[str, Path]:
     """Draw the standard figures into <run_dir>/plots/; returns {name: png path} (empty without metrics)."""
     run_dir = Path(run_dir)
@@ -129,6 +146,7 @@ def make_plots(run_dir: Path | str, records: list[dict[str, Any]] | None = None)
     out_dir = run_dir / PLOTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     images: dict[str, Path] = {}
+    stages = _stage_starts(records)
 
     grad_keys = sorted(k for k in train if k == "train/grad_norm" or k.startswith("train/grad_norm/"))
     loss_terms = sorted(
@@ -152,6 +170,7 @@ def make_plots(run_dir: Path | str, records: list[dict[str, Any]] | None = None)
         drawn += _plot_lines(ax, val, val_loss_keys, colors=colors, linestyle="--", linewidth=1.4)
         _log_scale_if_positive(ax, drawn)
         ax.legend(fontsize=8)
+        _mark_stages(ax, stages)
         images["loss"] = _save(fig, out_dir / "loss.png")
 
     lr_keys = sorted(k for k in train if k.startswith("lr/"))
@@ -159,6 +178,7 @@ def make_plots(run_dir: Path | str, records: list[dict[str, Any]] | None = None)
         fig, ax = _figure("learning rate")
         _plot_lines(ax, train, lr_keys)
         ax.legend(fontsize=8)
+        _mark_stages(ax, stages)
         images["lr"] = _save(fig, out_dir / "lr.png")
 
     if grad_keys:
@@ -166,6 +186,7 @@ def make_plots(run_dir: Path | str, records: list[dict[str, Any]] | None = None)
         drawn = _plot_lines(ax, train, grad_keys, smooth=True)
         _log_scale_if_positive(ax, drawn)
         ax.legend(fontsize=8)
+        _mark_stages(ax, stages)
         images["grad_norm"] = _save(fig, out_dir / "grad_norm.png")
 
     other_val = sorted(k for k in val if k not in val_loss_keys)
@@ -173,6 +194,7 @@ def make_plots(run_dir: Path | str, records: list[dict[str, Any]] | None = None)
         fig, ax = _figure("validation metrics")
         _plot_lines(ax, val, other_val)
         ax.legend(fontsize=8)
+        _mark_stages(ax, stages)
         images["val_metrics"] = _save(fig, out_dir / "val_metrics.png")
     return images
 

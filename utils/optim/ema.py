@@ -11,9 +11,6 @@ Buffers a model lists in `_ddp_params_and_buffers_to_ignore` (per-process state 
 either, e.g. a DQN replay buffer) are not averaged: averaging stored experiences means nothing and
 would cost a pass over the whole storage every step.
 
-Optional warmup: with `warmup_steps > 0`, the k-th averaging update (k = 1, 2, ...) uses
-`decay * min(1, k / warmup_steps)`, so early weights -- far from where training ends up -- are
-forgotten quickly instead of dominating the average for ~1/(1-decay) steps.
 """
 
 from __future__ import annotations
@@ -30,12 +27,8 @@ class _EMAUpdate:
     """multi_avg_fn for AveragedModel: torch's EMA lerp for float tensors, a plain copy for integer ones."""
 
     def __init__(self, decay: float) -> None:
-        self.set_decay(decay)
-        self.skip: set[int] = set()  # data_ptr() of EMA-side tensors left alone
-
-    def set_decay(self, decay: float) -> None:
-        self.decay = decay
         self._float_update = get_ema_multi_avg_fn(decay)
+        self.skip: set[int] = set()  # data_ptr() of EMA-side tensors left alone
 
     def __call__(self, ema: list[torch.Tensor], current: list[torch.Tensor], n_averaged: Any) -> None:
         if self.skip:
@@ -52,34 +45,21 @@ class _EMAUpdate:
 
 
 class ModelEMA:
-    def __init__(self, model: torch.nn.Module, decay: float = 0.999, warmup_steps: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.decay = decay
-        self.warmup_steps = warmup_steps
         self._update_fn = _EMAUpdate(decay)
         self._avg = AveragedModel(unwrap_model(model), multi_avg_fn=self._update_fn, use_buffers=True)
         # The copy is only ever evaluated; keeping autograd off it avoids building graphs by accident.
         self._avg.requires_grad_(False)
         not_averaged = set(getattr(unwrap_model(model), "_ddp_params_and_buffers_to_ignore", ()))
         self._update_fn.skip = {t.data_ptr() for n, t in self._avg.module.named_buffers() if n in not_averaged}
-        # Mirror of AveragedModel.n_averaged kept on the host, so warmup needs no device sync.
-        self._num_updates = 0
-
-    def _decay_for_next_update(self) -> float:
-        if self.warmup_steps == 0:
-            return self.decay
-        return self.decay * min(1.0, self._num_updates / self.warmup_steps)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         """Fold the model's current weights and buffers into the average (call after optimizer.step())."""
-        if self.warmup_steps:
-            self._update_fn.set_decay(self._decay_for_next_update())
         self._avg.update_parameters(unwrap_model(model))
-        self._num_updates += 1
 
     @property
     def module(self) -> torch.nn.Module:
@@ -91,4 +71,3 @@ class ModelEMA:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._avg.load_state_dict(state)
-        self._num_updates = int(self._avg.n_averaged.item())

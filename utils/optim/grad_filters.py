@@ -12,7 +12,8 @@ Called after `backward()` and before gradient clipping: every filtered gradient 
 `components` maps a submodule name prefix to overrides of the constructor options, or to None to
 leave that submodule's gradients alone, e.g. `{"memory": {"alpha": 0.95}, "q_head": None}`. A
 parameter belongs to the longest prefix that equals its name or is followed by "."; others use the
-defaults. State is keyed by parameter name (DDP / torch.compile wrappers are stripped first), so
+defaults. `configure(...)` changes these options between curriculum stages (the history is kept).
+State is keyed by parameter name (DDP / torch.compile wrappers are stripped first), so
 checkpoints load into a bare or wrapped model alike. Filter state is kept in the gradient's dtype.
 """
 
@@ -27,7 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from utils.modules import matches_prefix, unwrap_model
 
 
-
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (Hydra passes them) as plain dicts."""
+    if isinstance(value, DictConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 def _to_device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -43,8 +48,10 @@ class GradFilter:
     def apply(self, model: torch.nn.Module) -> None:
         """Filter `p.grad` in place for every parameter of `model` that has a gradient."""
 
-    def scale_lamb(self, factor: float) -> None:
-        """Multiply every amplification factor (default and per component) by `factor`."""
+    def configure(self, **overrides: Any) -> None:
+        """Options for the steps from now on (a curriculum stage's), merged onto the constructor's; none: those."""
+        if overrides:
+            raise ValueError(f"{type(self).__name__} has no options, got {sorted(overrides)}")
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -63,8 +70,10 @@ class _PerParamFilter(GradFilter):
     _options: tuple[str, ...] = ()  # constructor options a component may override, in settings order
 
     def __init__(self, defaults: dict[str, Any], components: Mapping[str, Any] | None) -> None:
-        if isinstance(components, DictConfig):
-            components = OmegaConf.to_container(components, resolve=True)
+        self._constructed = (dict(defaults), _plain(components))
+        self._set_options(*self._constructed)
+
+    def _set_options(self, defaults: dict[str, Any], components: Mapping[str, Any] | None) -> None:
         self._defaults = defaults
         self._components: dict[str, dict[str, Any] | None] = {}
         for prefix, overrides in (components or {}).items():
@@ -79,16 +88,21 @@ class _PerParamFilter(GradFilter):
                 self._validate({**defaults, **overrides}, f"component {prefix!r}")
             self._components[prefix] = overrides
         self._validate(defaults, "defaults")
-        # Kept separate from the configured lambdas so a curriculum's change survives in checkpoints.
-        self._lamb_scale = 1.0
         self._settings: dict[str, tuple | None] = {}  # parameter name -> resolved settings (None: skip)
         self._checked = False
 
+    def configure(self, **overrides: Any) -> None:
+        """E.g. a stage's `{lamb: 1.2, components: {memory: {lamb: 0.9}}}`; the filter's history is kept."""
+        defaults, components = self._constructed
+        overrides = dict(_plain(overrides) or {})
+        components = overrides.pop("components", components)
+        unknown = set(overrides) - set(self._options)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown option(s) {sorted(unknown)}; allowed: {list(self._options)}")
+        self._set_options({**defaults, **overrides}, components)
+
     def _validate(self, options: dict[str, Any], where: str) -> None:
         raise NotImplementedError
-
-    def scale_lamb(self, factor: float) -> None:
-        self._lamb_scale *= float(factor)
 
     def _settings_for(self, name: str) -> tuple | None:
         if name not in self._settings:
@@ -155,14 +169,13 @@ class GrokfastEMA(_PerParamFilter):
             grads.append(grad)
         for (alpha, lamb), (emas, grads) in buckets.items():
             torch._foreach_lerp_(emas, grads, 1.0 - float(alpha))  # ema + (1-alpha)(g - ema)
-            torch._foreach_add_(grads, emas, alpha=float(lamb) * self._lamb_scale)
+            torch._foreach_add_(grads, emas, alpha=float(lamb))
 
     def state_dict(self) -> dict[str, Any]:
         # Live references (like nn.Module.state_dict): save them before the next apply.
-        return {"lamb_scale": self._lamb_scale, "ema": dict(self._ema)}
+        return {"ema": dict(self._ema)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._lamb_scale = float(state["lamb_scale"])
         self._ema = {k: v.detach().clone() for k, v in state["ema"].items()}
 
 
@@ -213,19 +226,17 @@ class GrokfastMA(_PerParamFilter):
                 torch.sum(buf, dim=0, out=total)
             self._buffers[name], self._sums[name], self._counts[name] = buf, total, count
             if count >= window or not warmup:
-                grad.add_(total, alpha=float(lamb) * self._lamb_scale / min(count, window))
+                grad.add_(total, alpha=float(lamb) / min(count, window))
 
     def state_dict(self) -> dict[str, Any]:
         # Live references (like nn.Module.state_dict): save them before the next apply.
         return {
-            "lamb_scale": self._lamb_scale,
             "buffers": dict(self._buffers),
             "sums": dict(self._sums),
             "counts": dict(self._counts),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._lamb_scale = float(state["lamb_scale"])
         self._buffers = {k: v.detach().clone() for k, v in state["buffers"].items()}
         self._sums = {k: v.detach().clone() for k, v in state["sums"].items()}
         self._counts = {k: int(v) for k, v in state["counts"].items()}

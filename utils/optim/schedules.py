@@ -102,6 +102,24 @@ def reduce_on_plateau(
     )
 
 
+def scale_learning_rate(optimizer: Optimizer, scheduler: LRScheduler | ReduceLROnPlateau | None, ratio: float) -> None:
+    """Multiply an optimizer's learning rates by `ratio` from now on, schedule included (a curriculum stage's
+    lr_scale). Closed-form schedules (LambdaLR, the cosines' base) scale exactly; the state lands in the
+    optimizer's and scheduler's state dicts, so a resume continues with the scaled rates."""
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+    pending = [scheduler] if scheduler is not None else []
+    while pending:
+        current = pending.pop()
+        if isinstance(current, SequentialLR):
+            pending.extend(current._schedulers)
+        if isinstance(current, LRScheduler):
+            current.base_lrs = [lr * ratio for lr in current.base_lrs]
+            current._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def steps_per_call(scheduler: LRScheduler | ReduceLROnPlateau) -> str:
     """Return "eval" for schedulers stepped with a metric after each evaluation, else "step"."""
     if isinstance(scheduler, ReduceLROnPlateau):

@@ -395,12 +395,6 @@ class CheckpointManager:
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _STEP_RE.match(p.name))]
         return [p for _, p in sorted(found)]
 
-    @staticmethod
-    def has_checkpoint(directory: Path | str) -> bool:
-        """True if `directory` holds latest.pt or a step file (readable or not)."""
-        manager = CheckpointManager(directory)
-        return manager.latest_path.exists() or bool(manager.checkpoints())
-
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
         """Load the newest readable checkpoint: latest.pt, then step files newest first.
 

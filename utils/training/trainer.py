@@ -1,18 +1,12 @@
-"""The training loop, written once for every model family.
+"""The training loop, written once for every model family (the contract: utils/contract.py).
 
-The contract with a family (see README, "Adding a model family"):
-- model:  `forward(batch: dict, carry=None) -> dict` with the outputs the loss and evaluators read.
-  A model with state carried across batches (ACT) returns it under "carry" (a dict of tensors); the
-  loop feeds it back on the next training batch and stores it in checkpoints. A model that learns
-  with local rules updates itself inside forward and has no trainable parameters (`optim=none`).
-  A model may also return `"metrics"`: a dict of scalar tensors logged as train/<name> (and val/<name>,
-  averaged over the validation batches), e.g. ACT's mean number of reasoning steps.
-- loss:   `loss(outputs, batch) -> {"loss": total, term: value, ...}`; a total without grad means
-  there is nothing to back-propagate (local learning) and only the metrics are logged. A loss with
-  `weight_schedules` and `update_weights(step)` (losses.composite.CompositeLoss) has its weights set
-  from the step before every training step.
-- evaluators: accumulate over the validation set (`reset/update/sync/compute`).
-- data:   a data module with `prepare_data/setup/train_dataset/val_dataset/collate_fn/model_kwargs`.
+One step: callbacks' `on_train_batch_start` -> forward -> loss -> backward (or the model's local update)
+-> non-finite guard -> grad filter -> clipping -> optimizer step -> schedules -> callbacks'
+`on_after_optimizer_step` -> EMA. Around the steps: evaluations, checkpoints and plots at their
+intervals (steps or epochs), curriculum stages, early stopping, graceful shutdown on signals.
+
+Resume is exact: a checkpoint holds every module's and optimizer's state, the train state (step, epoch,
+position in the epoch, stage), every rank's RNG state and carried state, and the callbacks' state.
 """
 
 from __future__ import annotations
@@ -22,7 +16,7 @@ import inspect
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +26,31 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.storage.checkpoint import CheckpointError, CheckpointManager, assert_finite_state
 from utils.config.errors import ConfigError
-from utils.training.data_loading import ResumableDistributedSampler, ShardSampler, make_loader
+from utils.contract import LocalLearner
 from utils.distributed import DistInfo, all_reduce_mean, any_rank, barrier
-from utils.optim.ema import ModelEMA
-from utils.optim.grad_filters import NoFilter
 from utils.monitoring.grad_monitor import GradientMonitor
-from utils.optim.builder import build_optimizers
 from utils.monitoring.plots import FigureMaker
 from utils.monitoring.progress import PROGRESS_LINE, Progress, peak_memory_mib, token_count
-from utils.rng import capture_rng_state, restore_rng_state, seed_everything
 from utils.monitoring.run_logging import MetricsWriter, truncate_metrics
-from utils.optim.schedules import steps_per_call
-from utils.signals import GracefulShutdown
 from utils.monitoring.trackers import scrub_secrets
+from utils.modules import matches_prefix
+from utils.optim.builder import NamedOptimizer, build_optimizers
+from utils.optim.ema import ModelEMA
+from utils.optim.grad_filters import GradFilter, NoFilter
+from utils.optim.schedules import scale_learning_rate, steps_per_call
+from utils.rng import capture_rng_state, restore_rng_state, seed_everything
+from utils.signals import GracefulShutdown
+from utils.storage.checkpoint import CheckpointError, CheckpointManager, assert_finite_state
+from utils.training.callbacks import Callback, CallbackList
+from utils.training.curriculum import Curriculum, Stage, stage_data_config
+from utils.training.data_loading import ResumableDistributedSampler, ShardSampler, make_loader
+from utils.training.intervals import Interval, parse_interval
+from utils.training.state import FitResult, TrainState
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: train state as one dict, callbacks' state, curriculum stage
 
 
 class NonFiniteError(RuntimeError):
@@ -61,57 +61,21 @@ class TrainingInterrupted(Exception):
     """Stopped by a signal after saving a checkpoint; running again resumes."""
 
 
-@dataclass
-class TrainState:
-    """Everything about progress that is not a module's state_dict."""
-
-    step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    consecutive_nonfinite: int = 0
-    total_nonfinite: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)  # one record per evaluation
-    stop_reason: str | None = None
-
-
-@dataclass
-class FitResult:
-    metric: float | None  # the monitored metric at the best evaluation (what sweeps optimise)
-    last_metrics: dict[str, float]
-    state: TrainState
-    run_dir: Path
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _detach(carry: Any) -> Any:
-    if isinstance(carry, torch.Tensor):
-        return carry.detach()
-    if isinstance(carry, dict):
-        return {k: _detach(v) for k, v in carry.items()}
-    return carry
-
-
-def _instantiate_with_facts(node: DictConfig, facts: dict[str, Any]) -> Any:
-    """Instantiate `node`, passing the data module's facts the target accepts and the config leaves unset."""
-    params = inspect.signature(get_method(node._target_)).parameters
-    extra = {k: v for k, v in facts.items() if k in params and k not in node}
-    return instantiate(node, **extra)
-
-
 class Trainer:
-    def __init__(self, cfg: DictConfig, dist_info: DistInfo, run_dir: Path) -> None:
+    """Builds everything a config names and trains it.
+
+    What callbacks (and the Python API's users) may read or call:
+      model           the bare nn.Module (no DDP / compile wrapper)
+      state           TrainState: step, epoch, stage, best metric, evaluation history
+      stage           the current curriculum Stage
+      data            the current data module
+      optimizers      list of NamedOptimizer (.name, .optimizer); schedulers: {name: scheduler}
+      run_dir, dist (rank, world_size, is_main), device, cfg
+      log_metrics(values)   write extra metrics at the current step (rank 0), e.g. a callback's own
+      reload_train_data()   rebuild the training loader after the data module's train set changed
+    """
+
+    def __init__(self, cfg: DictConfig, dist_info: DistInfo, run_dir: Path, model: torch.nn.Module | None = None) -> None:
         self.cfg = cfg
         self.tcfg = cfg.trainer
         self.dist = dist_info
@@ -119,116 +83,115 @@ class Trainer:
         self.run_dir = run_dir
         self.state = TrainState()
         self.carry: Any = None
+        t = self.tcfg
+        self.eval_interval = parse_interval(t.eval_interval, "trainer.eval_interval")
+        self.checkpoint_interval = parse_interval(t.checkpoint.interval, "trainer.checkpoint.interval")
+        self.plot_interval: Interval | None = (
+            parse_interval(t.plot_interval, "trainer.plot_interval") if t.plot_interval is not None else None
+        )
+        self.curriculum = Curriculum.from_config(cfg.get("curriculum"), t.monitor, t.monitor_mode)
+        self.stage: Stage = self.curriculum[0]
 
         seed_everything(cfg.seed)
-        self._build_data()
-        self._build_model()
+        self.data_cfg: DictConfig | None = None
+        self.data: Any = None
+        self.global_batch_size = 0
+        self._use_data(stage_data_config(cfg.data, self.stage))
+        self._use_batch_size(self.stage.batch_size or t.global_batch_size)
+        self._build_model(model)
         self._build_optimization()
+        self.callbacks = self._build_callbacks()
+        self._base_loss_weights = self._loss_weights_for_stages()
+        self._base_knobs = self._knobs_for_stages()
+        self.frozen: list[torch.nn.Parameter] = []
+        self.grad_filter_active = True
         seed_everything(cfg.seed + self.dist.rank)  # per-rank randomness (dropout) after identical init
 
-        self.ckpt = CheckpointManager(run_dir, keep_last=self.tcfg.checkpoint.keep_last)
+        self.ckpt = CheckpointManager(run_dir, keep_last=t.checkpoint.keep_last)
         self.resumed_run_ids: dict[str, str | None] = {}
         self.writer = MetricsWriter(None, enabled=False)  # opened in fit(), once a resumed run id is known
-        self.figures: FigureMaker | None = None  # plots/ at evaluations and at the end (fit())
-        self.progress = Progress(0, enabled=False)  # the console bar (fit(), rank 0, a terminal only)
+        self.figures: FigureMaker | None = None
+        self.progress = Progress(0, enabled=False)
         self._log_step = False  # set by fit() on logging steps: train_step then measures per-component norms
         self._step_tokens = 0
 
     # ------------------------------------------------------------------ building
-    def _build_data(self) -> None:
-        cfg, world = self.cfg, self.dist.world_size
-        self.data = instantiate(cfg.data)
-        if self.dist.is_main:
-            self.data.prepare_data()
-        barrier()
-        self.data.prepare_data()  # other ranks: the dataset is complete now, this only checks
-        self.data.setup()
-        if self.tcfg.global_batch_size % world:
+    def _use_data(self, data_cfg: DictConfig) -> bool:
+        """Build the data module `data_cfg` describes (unless it is the one in use); True if it changed."""
+        if self.data_cfg is not None and OmegaConf.to_container(data_cfg) == OmegaConf.to_container(self.data_cfg):
+            return False
+        with _rng_preserved():  # building data must not shift the training RNG streams (exact resume)
+            data = instantiate(data_cfg)
+            if self.dist.is_main:
+                data.prepare_data()
+            barrier()
+            data.prepare_data()  # other ranks: the dataset is complete now, this only checks
+            data.setup()
+        self.data, self.data_cfg = data, data_cfg
+        self.global_batch_size = 0  # loaders are rebuilt by _use_batch_size
+        return True
+
+    def _use_batch_size(self, global_batch_size: int) -> None:
+        world = self.dist.world_size
+        if global_batch_size % world:
             raise ConfigError(
-                f"trainer.global_batch_size={self.tcfg.global_batch_size} is not divisible by the "
-                f"{world} processes; pick a multiple of {world}."
+                f"The global batch size {global_batch_size} is not divisible by the {world} processes; "
+                f"pick a multiple of {world}."
             )
-        self.batch_size = self.tcfg.global_batch_size // world
-        if len(self.data.train_dataset) < self.tcfg.global_batch_size:
+        if len(self.data.train_dataset) < global_batch_size:
             raise ConfigError(
-                f"The training set has {len(self.data.train_dataset)} examples, fewer than "
-                f"trainer.global_batch_size={self.tcfg.global_batch_size}; lower the batch size."
+                f"The training set has {len(self.data.train_dataset)} examples, fewer than the global batch size "
+                f"{global_batch_size}; lower trainer.global_batch_size (or the stage's batch_size)."
             )
-        self._make_train_loader()
-        pin = self.device.type == "cuda"
-        collate = getattr(self.data, "collate_fn", None)
+        if global_batch_size == self.global_batch_size:
+            return
+        self.global_batch_size = global_batch_size
+        self.batch_size = global_batch_size // world
+        self.reload_train_data()
         val_sampler = ShardSampler(self.data.val_dataset, world, self.dist.rank)
         self.val_loader = make_loader(
-            self.data.val_dataset,
-            val_sampler,
-            self.tcfg.eval_batch_size or self.batch_size,
-            collate,
-            self.tcfg.num_workers,
-            False,
-            pin,
+            self.data.val_dataset, val_sampler, self.tcfg.eval_batch_size or self.batch_size, self.data.collate_fn,
+            self.tcfg.num_workers, False, self.device.type == "cuda",
         )
 
-    def _make_train_loader(self) -> None:
+    def reload_train_data(self) -> None:
+        """A new training loader over `data.train_dataset` (e.g. after a streaming data module took in shards)."""
         self.train_sampler = ResumableDistributedSampler(
             self.data.train_dataset, self.dist.world_size, self.dist.rank, self.cfg.seed
         )
         self.train_loader = make_loader(
-            self.data.train_dataset,
-            self.train_sampler,
-            self.batch_size,
-            getattr(self.data, "collate_fn", None),
-            self.tcfg.num_workers,
-            True,
-            self.device.type == "cuda",
+            self.data.train_dataset, self.train_sampler, self.batch_size, self.data.collate_fn,
+            self.tcfg.num_workers, True, self.device.type == "cuda",
         )
 
-    def _refresh_data(self, epoch: int) -> None:
-        """Let a growing dataset (a streaming builder still writing shards) take in new data at an epoch start.
-
-        The data module's `refresh(epoch, sync)` decides, deterministically from its own checkpointed state,
-        what the epoch trains on, and returns True when its train set changed; `sync` makes every rank use
-        rank 0's view of how much data is available.
-        """
-        refresh = getattr(self.data, "refresh", None)
-        if refresh is not None and refresh(epoch, sync=self._rank0_value):
-            self._make_train_loader()
-
-    def _rank0_value(self, value: int) -> int:
-        if not dist.is_initialized():
-            return value
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        packed = torch.tensor([value], dtype=torch.long, device=device)
-        dist.broadcast(packed, src=0)
-        return int(packed.item())
-
-    def _build_model(self) -> None:
-        facts = self.data.model_kwargs() if hasattr(self.data, "model_kwargs") else {}
-        self.model: torch.nn.Module = _instantiate_with_facts(self.cfg.model, facts).to(self.device)
+    def _build_model(self, model: torch.nn.Module | None) -> None:
+        facts = self.data.model_kwargs()
+        if model is None:
+            model = _instantiate_with_facts(self.cfg.model, facts)
+        self.model: torch.nn.Module = model.to(self.device)
+        self.learns_locally = isinstance(self.model, LocalLearner)
         self.loss_fn = instantiate(self.cfg.loss)
         if isinstance(self.loss_fn, torch.nn.Module):
             self.loss_fn.to(self.device)
-        # Loss terms whose weight follows a schedule of the step (e.g. a ponder cost ramped in).
         self._scheduled_loss_weights = bool(getattr(self.loss_fn, "weight_schedules", None))
-        # Evaluators get the same data facts as the model, plus where to write files (ARC's submission.json).
-        eval_facts = {**facts, "run_dir": str(self.run_dir)}
-        self.evaluators = {
-            name: _instantiate_with_facts(node, eval_facts) for name, node in (self.cfg.evaluators or {}).items()
-        }
+        self.evaluators = {name: _instantiate_with_facts(node, facts) for name, node in (self.cfg.evaluators or {}).items()}
         self.ema = ModelEMA(self.model, decay=self.tcfg.ema.decay) if self.tcfg.ema.enabled else None
-
         forward_model: torch.nn.Module = self.model
-        if self.dist.distributed and any(p.requires_grad for p in self.model.parameters()):
+        # A local learner is not wrapped: DDP's hooks fire in backward, which it has none of; its updates are
+        # averaged across ranks by _average_local_updates instead.
+        if self.dist.distributed and not self.learns_locally and any(p.requires_grad for p in self.model.parameters()):
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
         if self.tcfg.compile:
             forward_model = torch.compile(forward_model)  # type: ignore[assignment]
         self.forward_model = forward_model
         n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("Model %s: %s parameters", type(self.model).__name__, f"{n_params:,}")
+        mode = "learns with a local rule" if self.learns_locally else "learns by backprop"
+        log.info("Model %s: %s parameters (%s)", type(self.model).__name__, f"{n_params:,}", mode)
 
     def _build_optimization(self) -> None:
-        self.optimizers = build_optimizers(self.model, self.cfg.optim)
-        self.schedulers = {}
+        self.optimizers: list[NamedOptimizer] = build_optimizers(self.model, self.cfg.optim)
+        self.schedulers: dict[str, Any] = {}
         for named in self.optimizers:
             schedule_cfg = named.schedule_cfg if named.schedule_cfg is not None else self.cfg.schedule
             if schedule_cfg is None:
@@ -236,20 +199,34 @@ class Trainer:
             factory = instantiate(schedule_cfg)
             self.schedulers[named.name] = factory(named.optimizer, total_steps=self.tcfg.max_steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.grad_filter = instantiate(self.cfg.grad_filter) if self.cfg.grad_filter is not None else NoFilter()
+        self.grad_filter: GradFilter = instantiate(self.cfg.grad_filter) if self.cfg.grad_filter is not None else NoFilter()
         gm = self.tcfg.grad_monitor
         self.grad_monitor = (
-            GradientMonitor(gm.vanishing_threshold, gm.exploding_threshold, gm.history_size, gm.cleanup_interval,
-                            warn_interval=gm.warn_interval)
+            GradientMonitor(gm.vanishing_threshold, gm.exploding_threshold, warn_interval=gm.warn_interval)
             if gm.enabled else None
         )
-
         precision = self.tcfg.precision
         if precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("trainer.precision=fp16 needs a GPU (GradScaler); use bf16 or fp32 on CPU.")
+        if precision == "fp16" and self.learns_locally:
+            raise ConfigError("trainer.precision=fp16 scales gradients, which a local learner does not have; use bf16 or fp32.")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.grad_clip = self.tcfg.grad_clip if self.tcfg.grad_clip is not None else math.inf
+
+    def _build_callbacks(self) -> CallbackList:
+        """The components that are Callbacks (model, loss, data, evaluators), then the `callbacks` group."""
+        named: list[tuple[str, Any]] = [("model", self.model), ("loss", self.loss_fn), ("data", self.data)]
+        named += [(f"evaluators/{name}", ev) for name, ev in self.evaluators.items()]
+        found = [(name, obj) for name, obj in named if isinstance(obj, Callback)]
+        for name, node in (self.cfg.callbacks or {}).items():
+            callback = instantiate(node)
+            if not isinstance(callback, Callback):
+                raise ConfigError(
+                    f"callbacks.{name} ({node._target_}) is not a Callback; subclass utils.training.callbacks.Callback."
+                )
+            found.append((f"callbacks/{name}", callback))
+        return CallbackList(found)
 
     def _build_trackers(self) -> dict[str, Any]:
         """Experiment trackers (rank 0 only); a resumed run passes its tracker's run id back in."""
@@ -260,8 +237,8 @@ class Trainer:
             params = inspect.signature(get_method(node._target_)).parameters
             facts = {"run_dir": str(self.run_dir), "resume_id": self.resumed_run_ids.get(name), "start_step": self.state.step}
             facts["config"] = scrub_secrets(OmegaConf.to_container(self.cfg, resolve=True))
-            # Facts are passed to the partial, not through instantiate: its first parameter is named `config`,
-            # and it would recursively instantiate the `_target_` nodes inside the config dict.
+            # Facts go to the partial, not through instantiate: its first parameter is named `config`, and
+            # instantiate would recursively build the `_target_` nodes inside the config dict.
             trackers[name] = instantiate(node, _partial_=True)(**{k: v for k, v in facts.items() if k in params})
         return trackers
 
@@ -269,6 +246,128 @@ class Trainer:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ curriculum stages
+    def _loss_weights_for_stages(self) -> dict[str, float]:
+        names = self.curriculum.loss_weight_names()
+        if not names:
+            return {}
+        weights = getattr(self.loss_fn, "weights", None)
+        if not isinstance(weights, dict) or not callable(getattr(self.loss_fn, "set_weight", None)):
+            raise ConfigError(
+                f"curriculum stages set loss_weights {sorted(names)}, but the loss ({type(self.loss_fn).__name__}) has "
+                "no named weights; use losses.composite.CompositeLoss."
+            )
+        unknown = sorted(names - set(weights))
+        if unknown:
+            raise ConfigError(f"curriculum loss_weights name unknown loss terms {unknown}; the terms are {sorted(weights)}.")
+        scheduled = sorted(names & set(getattr(self.loss_fn, "weight_schedules", {}) or {}))
+        if scheduled:
+            raise ConfigError(
+                f"loss terms {scheduled} have a weight_schedule and curriculum loss_weights; use one or the other."
+            )
+        return dict(weights)
+
+    def _knobs_for_stages(self) -> dict[str, Any]:
+        """The model's own value of every runtime knob a stage sets (restored in stages that do not set it)."""
+        base = {}
+        for name in sorted(self.curriculum.knob_names()):
+            value = getattr(self.model, name, None)
+            if not hasattr(self.model, name) or isinstance(value, (torch.nn.Module, torch.Tensor)) or callable(value):
+                raise ConfigError(
+                    f"curriculum stages set model.{name}, but {type(self.model).__name__} has no plain attribute "
+                    f"{name!r} (runtime knobs are attributes of the model, e.g. the number of refinement steps)."
+                )
+            base[name] = value
+        return base
+
+    def _enter_stage(self, index: int, live: bool) -> None:
+        """Apply stage `index`. `live`: entered now (not re-entered on resume), so learning rates are rescaled;
+        on resume they come from the optimizers' checkpointed state."""
+        previous, stage = self.stage, self.curriculum[index]
+        self.stage = stage
+        if self._use_data(stage_data_config(self.cfg.data, stage)):
+            self.callbacks = self._build_callbacks()  # the data module may be a callback
+        self._use_batch_size(stage.batch_size or self.tcfg.global_batch_size)
+        for name, value in {**self._base_loss_weights, **stage.loss_weights}.items():
+            self.loss_fn.set_weight(name, value)
+        for name, value in {**self._base_knobs, **stage.model}.items():
+            setattr(self.model, name, value)
+        self._configure_grad_filter(stage)
+        self.frozen = self._frozen_parameters(stage)
+        if live:
+            names = {n.name for n in self.optimizers}
+            unknown = sorted(set(stage.lr_scale) - names)
+            if unknown:
+                raise ConfigError(f"{stage.label}: lr_scale names unknown optimizers {unknown}; they are {sorted(names)}.")
+            first = previous is stage
+            for named in self.optimizers:
+                ratio = stage.lr_scale.get(named.name, 1.0) / (1.0 if first else previous.lr_scale.get(named.name, 1.0))
+                if ratio != 1.0:
+                    scale_learning_rate(named.optimizer, self.schedulers.get(named.name), ratio)
+        if not self.curriculum.single:
+            log.info("Entering %s at step %d", stage.label, self.state.step)
+        self.callbacks.call("on_stage_start", self, stage)
+
+    def _configure_grad_filter(self, stage: Stage) -> None:
+        self.grad_filter_active = stage.grad_filter != "off"
+        if isinstance(stage.grad_filter, dict):
+            if isinstance(self.grad_filter, NoFilter):
+                raise ConfigError(f"{stage.label} sets grad_filter options, but grad_filter=none; pick e.g. grad_filter=grokfast_ema.")
+            self.grad_filter.configure(**stage.grad_filter)
+        elif stage.grad_filter == "inherit":
+            self.grad_filter.configure()
+
+    def _frozen_parameters(self, stage: Stage) -> list[torch.nn.Parameter]:
+        frozen = []
+        for prefix in stage.freeze:
+            matched = [p for n, p in self.model.named_parameters() if p.requires_grad and matches_prefix(n, prefix)]
+            if not matched:
+                raise ConfigError(
+                    f"{stage.label}: freeze names {prefix!r}, which matches no trainable parameter; the model's "
+                    f"submodules are {[n for n, _ in self.model.named_children()]}."
+                )
+            frozen += matched
+        return frozen
+
+    def _stage_end_reason(self, evaluated_metrics: dict[str, float] | None) -> str | None:
+        """Why the current stage ends after this step (its budget, or its advance criterion), if it does."""
+        s, stage = self.state, self.stage
+        if evaluated_metrics is not None and stage.advance is not None:
+            crit = stage.advance
+            if crit.monitor not in evaluated_metrics:
+                raise ConfigError(
+                    f"{stage.label}: advance.monitor={crit.monitor!r} is not among the evaluation metrics: "
+                    f"{', '.join(sorted(evaluated_metrics))}."
+                )
+            value = evaluated_metrics[crit.monitor]
+            if crit.reached(value):
+                return f"{crit.describe()} ({crit.monitor}={value:.4g})"
+            if crit.improved(value, s.stage_best):
+                s.stage_best, s.stage_evals_without_improvement = value, 0
+            else:
+                s.stage_evals_without_improvement += 1
+                if crit.patience is not None and s.stage_evals_without_improvement >= crit.patience:
+                    return crit.describe()
+        if stage.max_steps is not None and s.step - s.stage_start_step >= stage.max_steps:
+            return f"its budget of {stage.max_steps} steps"
+        return None
+
+    def _advance_stage(self, reason: str) -> None:
+        s = self.state
+        log.info("%s ended at step %d: %s", self.stage.label, s.step, reason)
+        self.writer.log({"event": "stage_end", "stage": self.stage.index, "name": self.stage.name, "reason": reason},
+                        s.step, kind="event")
+        if self.stage.index + 1 >= len(self.curriculum):
+            s.stop_reason = s.stop_reason or f"curriculum finished ({self.stage.label} ended: {reason})"
+            return
+        s.stage += 1
+        s.stage_start_step = s.step
+        s.stage_best, s.stage_evals_without_improvement = None, 0
+        if s.batches_in_epoch:  # a stage starts on a fresh epoch
+            s.epoch, s.batches_in_epoch = s.epoch + 1, 0
+        self._enter_stage(s.stage, live=True)
+        self.writer.log({"event": "stage", "stage": self.stage.index, "name": self.stage.name}, s.step, kind="event")
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
@@ -281,9 +380,6 @@ class Trainer:
             dist.all_gather_object(gathered, local)
         else:
             gathered = [local]
-        rng_per_rank = [g["rng"] for g in gathered]
-        carry_per_rank = [g["carry"] for g in gathered]
-        s = self.state
         return {
             "format": CHECKPOINT_FORMAT,
             "model_class": f"{type(self.model).__module__}.{type(self.model).__name__}",
@@ -295,21 +391,11 @@ class Trainer:
             "grad_filter": self.grad_filter.state_dict(),
             "grad_monitor": self.grad_monitor.state_dict() if self.grad_monitor is not None else None,
             "loss": self.loss_fn.state_dict() if isinstance(self.loss_fn, torch.nn.Module) else {},
-            "carry_per_rank": carry_per_rank,
-            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
-            "rng_per_rank": rng_per_rank,
+            "callbacks": self.callbacks.state_dict(),
+            "carry_per_rank": [g["carry"] for g in gathered],
+            "rng_per_rank": [g["rng"] for g in gathered],
             "world_size": self.dist.world_size,
-            "trainer": {
-                "step": s.step,
-                "epoch": s.epoch,
-                "batches_in_epoch": s.batches_in_epoch,
-                "best_metric": s.best_metric,
-                "best_step": s.best_step,
-                "evals_without_improvement": s.evals_without_improvement,
-                "consecutive_nonfinite": s.consecutive_nonfinite,
-                "total_nonfinite": s.total_nonfinite,
-                "history": s.history,
-            },
+            "train_state": self.state.to_dict(),
             "config": scrub_secrets(OmegaConf.to_container(self.cfg, resolve=True)),
             "logger_run_ids": self.writer.run_ids() if self.dist.is_main else {},
         }
@@ -325,12 +411,10 @@ class Trainer:
         barrier()
 
     def resume(self) -> bool:
+        """Load the newest valid checkpoint of the run directory, if any; re-enters its curriculum stage."""
         if not self.tcfg.checkpoint.resume:
             return False
-        try:
-            loaded = self.ckpt.load_latest(map_location=self.device)
-        except CheckpointError:
-            raise
+        loaded = self.ckpt.load_latest(map_location=self.device)
         if loaded is None:
             return False
         ckpt, path = loaded
@@ -348,8 +432,6 @@ class Trainer:
             self.grad_monitor.load_state_dict(ckpt["grad_monitor"])
         if isinstance(self.loss_fn, torch.nn.Module) and ckpt.get("loss"):
             self.loss_fn.load_state_dict(ckpt["loss"])
-        if hasattr(self.data, "load_state_dict") and ckpt.get("data") is not None:
-            self.data.load_state_dict(ckpt["data"])  # e.g. how many streamed shards the current epoch uses
         carries = ckpt.get("carry_per_rank") or []
         if len(carries) == self.dist.world_size:
             self.carry = _to_device(carries[self.dist.rank], self.device)
@@ -358,18 +440,12 @@ class Trainer:
             if any(c is not None for c in carries):
                 log.warning("The checkpoint's carried state is for %d processes, this run has %d: starting from a fresh carry.",
                             len(carries), self.dist.world_size)
-        t = ckpt["trainer"]
-        self.state = TrainState(
-            step=t["step"],
-            epoch=t["epoch"],
-            batches_in_epoch=t["batches_in_epoch"],
-            best_metric=t["best_metric"],
-            best_step=t["best_step"],
-            evals_without_improvement=t["evals_without_improvement"],
-            consecutive_nonfinite=t["consecutive_nonfinite"],
-            total_nonfinite=t["total_nonfinite"],
-            history=list(t["history"]),
-        )
+        self.state = TrainState.from_dict(ckpt["train_state"])
+        if self.state.stage >= len(self.curriculum):
+            raise CheckpointError(
+                f"{path} is in curriculum stage {self.state.stage}, but this run's curriculum has {len(self.curriculum)} "
+                "stages. Use --fresh to start over (old files are kept aside) or pick another run_name=..."
+            )
         rngs = ckpt["rng_per_rank"]
         if ckpt.get("world_size") == self.dist.world_size:
             restore_rng_state(rngs[self.dist.rank])
@@ -378,10 +454,11 @@ class Trainer:
                 "Checkpoint written by %s processes, resuming with %s: RNG streams restart from rank 0's; "
                 "the global batches stay the same, but per-rank randomness (dropout) and the order of "
                 "floating-point reductions change, so the continuation is not bitwise identical.",
-                ckpt.get("world_size"),
-                self.dist.world_size,
+                ckpt.get("world_size"), self.dist.world_size,
             )
             restore_rng_state(rngs[0])
+        self._enter_stage(self.state.stage, live=False)
+        self.callbacks.load_state_dict(ckpt.get("callbacks") or {})
         self.resumed_run_ids = ckpt.get("logger_run_ids", {})
         if self.dist.is_main:
             truncate_metrics(self.run_dir, self.state.step)
@@ -412,73 +489,67 @@ class Trainer:
             raise CheckpointError(f"{path} has optimizers {sorted(ckpt['optimizers'])}, this run has {names}. {fix}")
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
-        """Forward, backward, filter, clip, step. Returns metrics, or None when the step was skipped."""
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor] | None:
+        """Forward, backward (or local update), filter, clip, step. Returns metrics, or None when skipped."""
+        self.callbacks.call("on_train_batch_start", self, batch)
         component_norms: dict[str, torch.Tensor] = {}
         monitor_metrics: dict[str, float] = {}
         if self._log_step:
             self._step_tokens = token_count(batch)
         if self._scheduled_loss_weights:
             self.loss_fn.update_weights(self.state.step)  # a pure function of the step: resume stays exact
-        with self._autocast():
+        grad_context = torch.no_grad() if self.learns_locally else contextlib.nullcontext()
+        with self._autocast(), grad_context:
             outputs = self.forward_model(batch, carry=self.carry)
             new_carry = outputs.pop("carry", None)
             model_metrics = outputs.pop("metrics", None) or {}
             losses = self.loss_fn(outputs, batch)
         total = losses["loss"]
-        learns_by_backprop = total.requires_grad
-        grad_norm = torch.zeros((), device=self.device)
-        if learns_by_backprop:
+        if self.learns_locally:
+            with torch.no_grad():  # a rule that needs autograd for a layer-local objective enables it itself
+                self.model.local_update(batch, outputs)  # type: ignore[attr-defined]
+            self._average_local_updates()
+        else:
+            if not total.requires_grad:
+                raise ConfigError(
+                    f"The loss of {type(self.model).__name__} has no gradient, so nothing would learn (a detached loss "
+                    "or a model without trainable parameters). A model that learns with a local rule implements "
+                    "local_update (utils.contract.LocalLearner)."
+                )
             self.scaler.scale(total).backward()
             for named in self.optimizers:
                 self.scaler.unscale_(named.optimizer)
-            grad_norm = _total_norm(self.params)
-            if self._log_step:  # logging steps only: per top-level submodule, measured like the total
-                component_norms = _component_grad_norms(self.model)
-                if self.grad_monitor is not None:  # per layer, before clipping: what backward produced
-                    monitor_metrics = self.grad_monitor.observe(self.model, self.state.step + 1)
+        for p in self.frozen:  # frozen in this stage: the optimizer skips parameters without a gradient
+            p.grad = None
+        grad_norm = _total_norm(self.params)
+        if self._log_step:  # logging steps only: per top-level submodule, measured like the total
+            component_norms = _component_grad_norms(self.model)
+            if self.grad_monitor is not None:  # per layer, before clipping: what backward produced
+                monitor_metrics = self.grad_monitor.observe(self.model, self.state.step + 1)
         # One host sync per step: the non-finite guard must decide before any state changes.
         finite = bool(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))
         if not finite:
-            self._zero_grad()
-            self.carry = None  # a carry built from non-finite activations would poison the next steps
-            self.state.consecutive_nonfinite += 1
-            self.state.total_nonfinite += 1
-            if self.scaler.is_enabled():
-                self.scaler.update()  # lets fp16 lower its scale instead of skipping forever
-            log.warning(
-                "Non-finite %s at step %d: step skipped (%d in a row, %d in total).",
-                "loss" if not torch.isfinite(total.detach()) else "gradient",
-                self.state.step + 1,
-                self.state.consecutive_nonfinite,
-                self.state.total_nonfinite,
-            )
-            if self.state.consecutive_nonfinite >= self.tcfg.max_consecutive_nonfinite:
-                raise NonFiniteError(
-                    f"{self.state.consecutive_nonfinite} consecutive non-finite steps (trainer.max_consecutive_nonfinite="
-                    f"{self.tcfg.max_consecutive_nonfinite}); stopping. The last good checkpoint in {self.run_dir} is kept. "
-                    "Lower the learning rate, enable grad clipping, or run with debug=anomaly to find the operation."
-                )
+            self._skip_nonfinite_step(total)
             return None
         self.state.consecutive_nonfinite = 0
         self.carry = _detach(new_carry)
-        if learns_by_backprop:
-            if not isinstance(self.grad_filter, NoFilter):
-                self.grad_filter.apply(self.model)
-                grad_norm = _total_norm(self.params) if math.isfinite(self.grad_clip) else grad_norm
-                if self._log_step and math.isfinite(self.grad_clip):  # the same gradients as the total's
-                    component_norms = _component_grad_norms(self.model)
-            if math.isfinite(self.grad_clip):
-                _clip_with_norm(self.params, self.grad_clip, grad_norm)
-            for named in self.optimizers:
-                self.scaler.step(named.optimizer)
-            self.scaler.update()
-            self._zero_grad()
-            for sch in self.schedulers.values():
-                if steps_per_call(sch) == "step":
-                    sch.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
+        if self.grad_filter_active and not isinstance(self.grad_filter, NoFilter):
+            self.grad_filter.apply(self.model)
+            grad_norm = _total_norm(self.params) if math.isfinite(self.grad_clip) else grad_norm
+            if self._log_step and math.isfinite(self.grad_clip):  # the same gradients as the total's
+                component_norms = _component_grad_norms(self.model)
+        if math.isfinite(self.grad_clip):
+            _clip_with_norm(self.params, self.grad_clip, grad_norm)
+        for named in self.optimizers:
+            self.scaler.step(named.optimizer)
+        self.scaler.update()
+        self._zero_grad()
+        for sch in self.schedulers.values():
+            if steps_per_call(sch) == "step":
+                sch.step()
+        self.callbacks.call("on_after_optimizer_step", self, batch, outputs)
+        if self.ema is not None:
+            self.ema.update(self.model)
         # Detached: a logged loss must not keep the autograd graph alive until the next step.
         logged = {"grad_norm": grad_norm, **component_norms, **{k: v.detach() for k, v in losses.items()}}
         logged.update({k: torch.tensor(v) for k, v in monitor_metrics.items()})
@@ -486,6 +557,41 @@ class Trainer:
         if self._scheduled_loss_weights and self._log_step:
             logged.update({f"loss_weight/{k}": torch.tensor(v) for k, v in self.loss_fn.weights.items()})
         return logged
+
+    def _average_local_updates(self) -> None:
+        """Average a local learner's updates (in p.grad) across ranks, as DDP averages gradients.
+
+        Every rank starts from the same weights and applies the same averaged update, so the ranks stay
+        identical; all-reducing the weights instead would cost as much and let optimizer states drift.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.dist.world_size
+        torch._foreach_copy_(grads, list(torch.split(flat, [g.numel() for g in grads])))  # type: ignore[arg-type]
+
+    def _skip_nonfinite_step(self, total: torch.Tensor) -> None:
+        self._zero_grad()
+        self.carry = None  # a carry built from non-finite activations would poison the next steps
+        self.state.consecutive_nonfinite += 1
+        self.state.total_nonfinite += 1
+        if self.scaler.is_enabled():
+            self.scaler.update()  # lets fp16 lower its scale instead of skipping forever
+        log.warning(
+            "Non-finite %s at step %d: step skipped (%d in a row, %d in total).",
+            "loss" if not torch.isfinite(total.detach()) else ("update" if self.learns_locally else "gradient"),
+            self.state.step + 1, self.state.consecutive_nonfinite, self.state.total_nonfinite,
+        )
+        if self.state.consecutive_nonfinite >= self.tcfg.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f"{self.state.consecutive_nonfinite} consecutive non-finite steps (trainer.max_consecutive_nonfinite="
+                f"{self.tcfg.max_consecutive_nonfinite}); stopping. The last good checkpoint in {self.run_dir} is kept. "
+                "Lower the learning rate, enable grad clipping, or run with debug=anomaly to find the operation."
+            )
 
     def _zero_grad(self) -> None:
         for named in self.optimizers:
@@ -574,46 +680,49 @@ class Trainer:
             )
         return None
 
-    def _already_stopped_early(self) -> str | None:
-        """After resume: why the checkpointed run had stopped early, if it had (same rules as _after_eval)."""
-        s, monitor = self.state, self.tcfg.monitor
-        if not s.history or s.history[-1]["step"] != s.step or monitor not in s.history[-1]:
+    def _already_finished(self) -> str | None:
+        """Why a resumed run has nothing left to do, if it has not."""
+        s, t = self.state, self.tcfg
+        if s.step >= t.max_steps:
+            return f"already at max_steps={t.max_steps}"
+        if t.max_epochs is not None and s.epoch >= t.max_epochs:
+            return f"already at max_epochs={t.max_epochs}"
+        if not s.history or s.history[-1]["step"] != s.step or t.monitor not in s.history[-1]:
             return None
-        reason = self._early_stop_reason(s.history[-1][monitor])
+        reason = self._early_stop_reason(s.history[-1][t.monitor])  # same rule as _after_eval
         return f"already finished: {reason}" if reason else None
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> FitResult:
-        self.resume()
+        if not self.resume():
+            self._enter_stage(0, live=True)
         self.writer = MetricsWriter(self.run_dir, self._build_trackers(), enabled=self.dist.is_main)
-        sources = [self.model, *self.evaluators.values()]  # may define make_figures(run_dir, step)
-        self.figures = FigureMaker(self.run_dir, sources, enabled=self.dist.is_main, log_images=self.writer.log_images)
-        t = self.tcfg
-        s = self.state
+        self.figures = FigureMaker(self.run_dir, list(self.callbacks), enabled=self.dist.is_main,
+                                   log_images=self.writer.log_images)
+        t, s = self.tcfg, self.state
         last_metrics: dict[str, float] = {}
         log.info(
-            "Training %s on %s x%d: steps %d -> %d, batch %d per rank",
+            "Training %s on %s x%d: steps %d -> %d, batch %d per rank%s",
             self.cfg.run_name, self.device, self.dist.world_size, s.step, t.max_steps, self.batch_size,
+            "" if self.curriculum.single else f", {self.stage.label} of {len(self.curriculum)}",
         )
         self.writer.log({"event": "start", "resumed_from_step": s.step, "time": time.time()}, s.step, kind="event")
-        if s.step >= t.max_steps:
-            s.stop_reason = f"already at max_steps={t.max_steps}"
-        elif t.max_epochs is not None and s.epoch >= t.max_epochs:
-            s.stop_reason = f"already at max_epochs={t.max_epochs}"
-        else:  # a finished job run again (e.g. requeued by SLURM after its last step) just returns its metric
-            s.stop_reason = self._already_stopped_early()
+        if s.step == 0 and not self.curriculum.single:
+            self.writer.log({"event": "stage", "stage": 0, "name": self.stage.name}, 0, kind="event")
+        s.stop_reason = self._already_finished()  # a finished job run again (a SLURM requeue) only reports
         self.model.train()
+        self.callbacks.call("on_fit_start", self)
         window_start, window_steps = time.perf_counter(), 0
         interrupted = False
         anomaly = torch.autograd.detect_anomaly() if t.detect_anomaly else contextlib.nullcontext()
         self.progress = Progress(t.max_steps, s.step, enabled=self.dist.is_main, desc=self.cfg.run_name)
         # Plain ints: OmegaConf attribute reads cost ~0.3 ms per step in this loop (bench/overhead.py).
-        log_interval, eval_interval = int(t.log_interval), int(t.eval_interval)
-        max_steps, ckpt_interval = int(t.max_steps), int(t.checkpoint.interval)
+        log_interval, max_steps = int(t.log_interval), int(t.max_steps)
         with GracefulShutdown() as shutdown, anomaly, self.progress:
             while s.stop_reason is None:
-                self._refresh_data(s.epoch)
+                self.callbacks.call("on_train_epoch_start", self)
                 self.train_sampler.start_epoch(s.epoch, s.batches_in_epoch * self.batch_size)
+                stage_before = s.stage
                 for batch in self.train_loader:
                     batch = _to_device(batch, self.device)
                     self._log_step = (s.step + 1) % log_interval == 0
@@ -623,34 +732,36 @@ class Trainer:
                     window_steps += 1
                     self.progress.update()
                     if metrics is not None and s.step % log_interval == 0:
-                        elapsed = time.perf_counter() - window_start
-                        self._log_train(metrics, elapsed / window_steps)
+                        self._log_train(metrics, (time.perf_counter() - window_start) / window_steps)
                         window_start, window_steps = time.perf_counter(), 0
-                    evaluated = False
-                    if s.step % eval_interval == 0 or s.step >= max_steps:
-                        last_metrics = self._run_evaluation()
-                        evaluated = True
+                    evaluated = None
+                    if self.eval_interval.due_after_step(s.step) or s.step >= max_steps:
+                        evaluated = last_metrics = self._run_evaluation()
+                    stage_end = self._stage_end_reason(evaluated)
+                    if stage_end is not None and evaluated is None:  # every stage ends with an evaluation
+                        evaluated = last_metrics = self._run_evaluation()
                     if s.step >= max_steps and s.stop_reason is None:
                         s.stop_reason = f"max_steps={max_steps} reached"
-                    stop_now = s.stop_reason is not None
-                    if any_rank(shutdown.requested, self.device) and not stop_now:
+                    if any_rank(shutdown.requested, self.device) and s.stop_reason is None:
                         s.stop_reason = f"interrupted by {shutdown.signal_name or 'a signal on another rank'}"
-                        interrupted = stop_now = True
-                    if evaluated or stop_now or s.step % ckpt_interval == 0:
+                        interrupted = True
+                    if stage_end is not None and s.stop_reason is None:
+                        self._advance_stage(stage_end)
+                    if self.plot_interval is not None and self.plot_interval.due_after_step(s.step):
+                        self.figures.now(s.step)
+                    if (evaluated is not None or s.stop_reason is not None or s.stage != stage_before
+                            or self.checkpoint_interval.due_after_step(s.step)):
                         self.save_checkpoint()
-                    if stop_now:
+                    if s.stop_reason is not None or s.stage != stage_before:
                         break
-                else:  # epoch finished
+                else:  # the epoch is done
                     s.epoch += 1
                     s.batches_in_epoch = 0
-                    if t.max_epochs is not None and s.epoch >= t.max_epochs:
-                        s.stop_reason = f"max_epochs={t.max_epochs} reached"
-                        if not s.history or s.history[-1]["step"] != s.step:
-                            last_metrics = self._run_evaluation()
-                        self.save_checkpoint()
+                    last_metrics = self._end_of_epoch(last_metrics)
         log.info("Stopped: %s", s.stop_reason)
         self.writer.log({"event": "stop", "reason": s.stop_reason, "time": time.time()}, s.step, kind="event")
         if not interrupted:  # a pre-empted job exits at once; `python -m utils.monitoring.report` redraws later
+            self.callbacks.call("on_fit_end", self)
             self.figures.now(s.step)
         self.writer.close()
         if interrupted:
@@ -658,16 +769,43 @@ class Trainer:
             raise TrainingInterrupted(s.stop_reason)
         if not last_metrics and s.history:
             last_metrics = {k: v for k, v in s.history[-1].items() if k != "step"}
-        return FitResult(metric=s.best_metric, last_metrics=last_metrics, state=s, run_dir=self.run_dir)
+        return FitResult(metric=s.best_metric, last_metrics=last_metrics, state=s, run_dir=self.run_dir, trainer=self)
+
+    def _end_of_epoch(self, last_metrics: dict[str, float]) -> dict[str, float]:
+        """Epoch-counted evaluation, plots and checkpoints; max_epochs; a stage may end here too."""
+        s, t = self.state, self.tcfg
+        evaluated = None
+        at_max_epochs = t.max_epochs is not None and s.epoch >= t.max_epochs
+        already = bool(s.history) and s.history[-1]["step"] == s.step
+        if (self.eval_interval.due_after_epoch(s.epoch) or at_max_epochs) and not already:
+            evaluated = last_metrics = self._run_evaluation()
+        if at_max_epochs and s.stop_reason is None:
+            s.stop_reason = f"max_epochs={t.max_epochs} reached"
+        stage_before = s.stage
+        if evaluated is not None and s.stop_reason is None:
+            stage_end = self._stage_end_reason(evaluated)
+            if stage_end is not None:
+                self._advance_stage(stage_end)
+        if self.plot_interval is not None and self.plot_interval.due_after_epoch(s.epoch):
+            self.figures.now(s.step)  # type: ignore[union-attr]
+        if (evaluated is not None or s.stop_reason is not None or s.stage != stage_before
+                or self.checkpoint_interval.due_after_epoch(s.epoch)):
+            self.save_checkpoint()
+        return last_metrics
 
     def _run_evaluation(self) -> dict[str, float]:
         metrics = self.evaluate()
         self._after_eval(metrics)
         self.writer.log(metrics, self.state.step, kind="val")
         log.info("step %d  %s", self.state.step, _fmt(metrics))
-        if self.figures is not None:
+        self.callbacks.call("on_validation_end", self, metrics)
+        if self.figures is not None and self.plot_interval is None:
             self.figures.maybe(self.state.step)
         return metrics
+
+    def log_metrics(self, values: dict[str, float]) -> None:
+        """Extra metrics at the current step (rank 0 writes; e.g. a callback's own measurements)."""
+        self.writer.log(values, self.state.step, kind="train")
 
     def _log_train(self, metrics: dict[str, Any], step_time: float) -> None:
         values = {f"train/{k}": float(v) for k, v in metrics.items()}
@@ -677,16 +815,52 @@ class Trainer:
                 values[f"lr/{named.name}{suffix}"] = group["lr"]
         values = all_reduce_mean(values, self.device)
         values["time/step_s"] = step_time
-        values["time/samples_per_s"] = self.tcfg.global_batch_size / step_time if step_time > 0 else 0.0
+        values["time/samples_per_s"] = self.global_batch_size / step_time if step_time > 0 else 0.0
         if self._step_tokens:  # integer `inputs`: tokens per step over all ranks
             values["time/tokens_per_s"] = self._step_tokens * self.dist.world_size / step_time if step_time > 0 else 0.0
         values.update(peak_memory_mib(self.device))  # rank 0's peak RSS (and CUDA allocation)
         values["train/nonfinite_total"] = self.state.total_nonfinite
         values["epoch"] = self.state.epoch
+        if not self.curriculum.single:
+            values["stage"] = self.state.stage
         self.writer.log(values, self.state.step, kind="train")
         if self.dist.is_main:
             self.progress.set_metrics(values)
             log.info("step %d  %s", self.state.step, _fmt(values), extra={PROGRESS_LINE: True})
+
+
+@contextlib.contextmanager
+def _rng_preserved() -> Iterator[None]:
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
+
+
+def _instantiate_with_facts(node: DictConfig, facts: dict[str, Any]) -> Any:
+    """Instantiate `node`, passing the data module's facts the target accepts and the config leaves unset."""
+    params = inspect.signature(get_method(node._target_)).parameters
+    extra = {k: v for k, v in facts.items() if k in params and k not in node}
+    return instantiate(node, **extra)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _detach(carry: Any) -> Any:
+    if isinstance(carry, torch.Tensor):
+        return carry.detach()
+    if isinstance(carry, dict):
+        return {k: _detach(v) for k, v in carry.items()}
+    return carry
 
 
 def _batch_len(batch: Any) -> int:
