@@ -1,4 +1,4 @@
-"""Loss terms of the multimodal TRM (models/multimodal/multimodal_trm.py), for ``CompositeLoss``.
+"""Loss terms of the multimodal TRM (models/multimodal/model.py), for ``CompositeLoss``.
 
 The token loss is ``losses.reasoning.TokenCrossEntropyTerm`` with ``labels_key: target``. The terms
 here read what the model's optional features put in its outputs:
@@ -22,12 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from losses.reasoning import (
-    IGNORE_INDEX,
-    _get,
-    softmax_cross_entropy,
-    stablemax_cross_entropy,
-)
+from losses.reasoning import _get, softmax_cross_entropy, stablemax_cross_entropy
+from models.components.metrics import IGNORE_INDEX
 
 # Term name -> the output key it needs (the token loss needs only `logits`, always present).
 FEATURE_OUTPUT_KEYS = {"mtp": "mtp_logits", "vq": "vq_loss", "dqn": "dqn_loss"}

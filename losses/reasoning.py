@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from models.components.metrics import IGNORE_INDEX, rows_correct
 
 
 def _get(outputs: dict[str, Any], batch: dict[str, Any], key: str) -> torch.Tensor:
@@ -53,12 +53,6 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
     """Per-token softmax cross-entropy (0 where ignored), in float32."""
     flat = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten().long(), ignore_index=ignore_index, reduction="none")
     return flat.view(labels.shape)
-
-
-def rows_correct(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Bool[B]: every scored token of the row is predicted exactly."""
-    scored = labels != ignore_index
-    return ((logits.argmax(-1) == labels) | ~scored).flatten(1).all(dim=1)
 
 
 class TokenCrossEntropyTerm(nn.Module):

@@ -1,4 +1,4 @@
-"""The multimodal TRM (models/multimodal/multimodal_trm.py), its loss terms, the gradient monitor and the code evaluators.
+"""The multimodal TRM (models/multimodal/), its components (VQ, memory, DQN halting), its loss terms, the gradient monitor and the code evaluators.
 
 Small CPU tests: VQ straight-through / usage / EMA by hand, MTP targets by hand, every feature switch
 (parameter count, outputs, loss terms), gradient checkpointing on = off, the DQN's transitions, warm
@@ -21,14 +21,11 @@ from omegaconf import OmegaConf
 from losses.composite import CompositeLoss
 from losses.multimodal import DQNTerm, MTPTerm, VQTerm, active_terms, mtp_targets
 from losses.reasoning import TokenCrossEntropyTerm
-from models.multimodal.multimodal_trm import (
-    CONTINUE,
-    HALT,
-    CapsuleEncoder,
-    MultimodalTRM,
-    VectorQuantizer,
-    count_parameters,
-)
+from models.components.halting_dqn import CONTINUE, HALT
+from models.components.parameters import count_parameters
+from models.components.vector_quantizer import VectorQuantizer
+from models.multimodal.capsule_encoder import CapsuleEncoder
+from models.multimodal.model import MultimodalTRM
 from tests.conftest import CONF_DIR, compose_config
 from dataset.multimodal.code_evaluator import CodeEvaluator, SourceExactMatch
 from utils.config.validation import validate_config
