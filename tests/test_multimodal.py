@@ -2,7 +2,7 @@
 
 Small CPU tests: VQ straight-through / usage / EMA by hand, MTP targets by hand, every feature switch
 (parameter count, outputs, loss terms), gradient checkpointing on = off, the DQN's transitions, warm
-start and target-network refresh, the tiny preset training a few steps, the presets' parameter counts
+start and target-network refresh on taken optimizer steps, the tiny preset training a few steps, the presets' parameter counts
 on the meta device, and the presets composing and validating with Hydra.
 """
 
@@ -291,26 +291,65 @@ def test_dqn_transitions_warm_start_and_td_loss():
     assert all(p.grad is None for p in model.dqn.target_net.parameters())
 
 
-def test_dqn_target_network_refreshes_every_interval():
+def test_dqn_target_network_refreshes_on_taken_optimizer_steps_only():
     model = tiny(dqn_target_update_interval=3)
+    dqn = model.dqn
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    snapshots, equal_after_forward = [], []
-    for i in range(7):
-        out = model(batch_of(seed=i))
-        target = torch.cat([p.flatten() for p in model.dqn.target_net.parameters()]).clone()
-        online = torch.cat([p.flatten() for p in model.dqn.q_net.parameters()])
-        snapshots.append(target)
-        equal_after_forward.append(torch.equal(target, online))
+
+    def target() -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in dqn.target_net.parameters()]).clone()
+
+    def online() -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in dqn.q_net.parameters()])
+
+    def train_step(seed: int) -> dict:
+        batch = batch_of(seed=seed)
+        out = model(batch)
         optimizer.zero_grad()
-        multimodal_loss()(out, batch_of(seed=i))["loss"].backward()
+        multimodal_loss()(out, batch)["loss"].backward()
         optimizer.step()
-    assert int(model.dqn.target_updates) == 2 and int(model.dqn.train_steps) == 7
-    # A copy at construction (equal until the first optimizer step), refreshed at forwards 3 and 6 (1-based):
-    # equal to the online net right then, unchanged in between.
-    assert equal_after_forward == [True, False, True, False, False, True, False]
-    assert torch.equal(snapshots[0], snapshots[1]) and not torch.equal(snapshots[1], snapshots[2])
+        return out
+
+    # Optimizer steps the hook is not told about (as for a step the trainer skips) and forwards alone,
+    # more of them than the interval: the target network stays the copy made at construction.
+    initial = target()
+    for i in range(4):
+        train_step(seed=i)
+    assert not torch.equal(online(), initial)  # the Q-network has learned something the target could copy
+    for i in range(4):
+        model(batch_of(seed=10 + i))
+    assert torch.equal(target(), initial) and int(dqn.target_updates) == 0 and int(dqn.optimizer_steps) == 0
+    assert int(dqn.train_steps) == 8  # training forwards are counted, taken or not
+
+    snapshots, equal_after_hook = [], []
+    for i in range(7):
+        out = train_step(seed=20 + i)
+        model.on_after_optimizer_step(None, batch_of(seed=20 + i), out)
+        snapshots.append(target())
+        equal_after_hook.append(torch.equal(snapshots[-1], online()))
+    assert int(dqn.optimizer_steps) == 7 and int(dqn.target_updates) == 2
+    # Refreshed after the 3rd and the 6th taken step (1-based), unchanged in between.
+    assert equal_after_hook == [False, False, True, False, False, True, False]
+    assert torch.equal(snapshots[0], initial) and torch.equal(snapshots[1], initial)
     assert torch.equal(snapshots[2], snapshots[3]) and torch.equal(snapshots[3], snapshots[4])
-    assert not torch.equal(snapshots[4], snapshots[5]) and torch.equal(snapshots[5], snapshots[6])
+    assert torch.equal(snapshots[5], snapshots[6]) and not torch.equal(snapshots[4], snapshots[5])
+
+    # The step counter is model state: a model resumed from this state_dict refreshes on the same step.
+    resumed = tiny(seed=5, dqn_target_update_interval=3)
+    resumed.load_state_dict(model.state_dict())
+    for m in (model, resumed):
+        for _ in range(2):
+            m.on_after_optimizer_step(None, {}, {})
+        assert int(m.dqn.optimizer_steps) == 9 and int(m.dqn.target_updates) == 3
+    assert torch.equal(target(), torch.cat([p.flatten() for p in resumed.dqn.target_net.parameters()]))
+
+
+def test_the_optimizer_step_hook_is_a_no_op_without_the_dqn():
+    model = tiny(enable_dqn=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.on_after_optimizer_step(None, {}, {})
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_dqn_policy_decides_the_steps_at_evaluation():

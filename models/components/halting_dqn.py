@@ -37,7 +37,9 @@ class HaltingDQN(nn.Module):
       ``batch_size`` of them uniformly and returns the Huber TD loss of
       ``Q(s, a)`` against ``r + gamma * (1 - done) * V'(s')``, ``V'(s') = max_a Q_target(s', a)`` (or
       ``Q_target(s', halt)`` when s' is the last step). ``Q_target`` is a copy of the Q-network (not
-      trained: requires_grad=False) refreshed every ``target_update_interval`` training forwards.
+      trained: requires_grad=False) refreshed every ``target_update_interval`` optimizer steps taken:
+      the model's ``on_after_optimizer_step`` hook calls ``optimizer_step_taken``, so a step the trainer
+      skips (non-finite gradients) does not count, and a forward alone never refreshes it.
     * **Policy** (evaluation): greedy -- halt at the first step where ``Q(s, halt) >= Q(s, continue)``.
     """
 
@@ -89,8 +91,10 @@ class HaltingDQN(nn.Module):
             "state": ((self.feature_dim,), dtype), "action": ((), torch.long), "reward": ((), torch.float32),
             "next_state": ((self.feature_dim,), dtype), "done": ((), torch.bool), "next_forced": ((), torch.bool),
         }, seed=seed)
-        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
+        # Counters as 0-d buffers, so a resumed run refreshes the target network on the same steps.
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))  # training forwards, taken or skipped
         self.register_buffer("target_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.long))  # optimizer steps taken
 
     def features(self, slots: torch.Tensor, step: int, logits: torch.Tensor) -> torch.Tensor:
         """The DQN state [B, feature_dim] of rows whose output slots are ``slots`` after step ``step``."""
@@ -114,10 +118,15 @@ class HaltingDQN(nn.Module):
         return net(features.to(net[0].weight.dtype)).float()
 
     @torch.no_grad()
-    def start_training_step(self) -> None:
-        """Count a training forward; refresh the target network every ``target_update_interval`` of them."""
+    def count_training_forward(self) -> None:
+        """Count a training forward (whether or not the trainer then takes its optimizer step)."""
         self.train_steps.add_(1)
-        if int(self.train_steps) % self.target_update_interval == 0:
+
+    @torch.no_grad()
+    def optimizer_step_taken(self) -> None:
+        """Count an optimizer step that was taken; refresh the target network every ``target_update_interval``."""
+        self.optimizer_steps.add_(1)
+        if int(self.optimizer_steps) % self.target_update_interval == 0:
             self.refresh_target()
 
     @torch.no_grad()

@@ -34,7 +34,9 @@ ACT / DQN design (the simplest correct one): one forward runs ``halt_max_steps``
 Training always runs all of them (no grad except the last; the loss reads the last step) and, with the
 DQN on, reads the answer out at every step (no grad) to build transitions; evaluation runs the steps
 until the DQN's greedy policy halts a row (that row's latents are then frozen), or all are done.
-See ``HaltingDQN`` for states, actions, rewards and the TD loss.
+See ``HaltingDQN`` for states, actions, rewards and the TD loss. The model is a ``Callback``: its
+``on_after_optimizer_step`` hook tells the DQN that an optimizer step was taken (the target network is
+refreshed on taken steps only, never on a step the trainer skipped).
 
 Each part documents its choices where it is defined: ``CapsuleEncoder`` (routing,
 models/multimodal/capsule_encoder.py), ``LatentPlanner`` (COCONUT, models/multimodal/latent_planner.py),
@@ -60,11 +62,12 @@ from models.components.rotary import RotaryEmbedding
 from models.components.vector_quantizer import VectorQuantizer, VQOutput
 from models.multimodal.capsule_encoder import CapsuleEncoder
 from models.multimodal.latent_planner import LatentPlanner
+from utils.training.callbacks import Callback
 
 ENCODERS = ("conv", "none")
 
 
-class MultimodalTRM(nn.Module):
+class MultimodalTRM(nn.Module, Callback):
     """Capsules -> TRM recursion -> [memory] -> [latent planning] -> [VQ] -> byte logits [+ MTP]; [DQN halting].
 
     Data facts (filled from the data module when the config leaves them unset): ``vocab_size``,
@@ -87,7 +90,7 @@ class MultimodalTRM(nn.Module):
             (e.g. 0.99) turns on EMA writes of recent states into a checkpointed buffer, null = read only.
         enable_dqn, dqn_*: DQN halting (``HaltingDQN``): replay ``dqn_buffer_capacity`` transitions, TD loss
             from ``dqn_warmstart_steps`` stored transitions on, minibatch ``dqn_batch_size``, discount
-            ``dqn_gamma``, target network refreshed every ``dqn_target_update_interval`` training forwards,
+            ``dqn_gamma``, target network refreshed every ``dqn_target_update_interval`` optimizer steps taken,
             ``dqn_step_penalty`` per continue, ``dqn_reward`` (exact | token_accuracy), Q-MLP width
             ``dqn_hidden``, stored state width ``dqn_state_dim`` (null: hidden_size), storage dtype
             ``dqn_buffer_dtype``, sampling seed ``dqn_seed``.
@@ -306,7 +309,7 @@ class MultimodalTRM(nn.Module):
         features: list[torch.Tensor] = []
         rewards: list[torch.Tensor] = []
         if dqn is not None:
-            dqn.start_training_step()
+            dqn.count_training_forward()
         for step in range(1, self.halt_max_steps):
             with torch.no_grad():
                 z_H, z_L = self.reason(z_H, z_L, x, grad=False)
@@ -378,3 +381,9 @@ class MultimodalTRM(nn.Module):
             metrics["plan/path_entropy"] = entropy.detach()
         return outputs, metrics
 
+    # ------------------------------------------------------------------ callback hooks
+    def on_after_optimizer_step(self, trainer: Any, batch: Any, outputs: dict[str, Any]) -> None:
+        """Called by the trainer after every optimizer step it takes (never after a skipped one): the DQN
+        counts it and refreshes its target network every ``dqn_target_update_interval`` of them."""
+        if self.dqn is not None:
+            self.dqn.optimizer_step_taken()
