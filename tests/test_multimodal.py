@@ -1,9 +1,11 @@
-"""The multimodal TRM (models/multimodal/), its components (VQ, memory, DQN halting), its loss terms, the gradient monitor and the code evaluators.
+"""The multimodal TRM (models/multimodal/), its components (VQ, memory, DQN halting), its loss terms, the
+gradient monitor and the code evaluators.
 
 Small CPU tests: VQ straight-through / usage / EMA by hand, MTP targets by hand, every feature switch
-(parameter count, outputs, loss terms), gradient checkpointing on = off, the DQN's transitions, warm
-start and target-network refresh on taken optimizer steps, the tiny preset training a few steps, the presets' parameter counts
-on the meta device, and the presets composing and validating with Hydra.
+(outputs, loss terms, and exactly its own parameters), gradient checkpointing on = off, the DQN's
+transitions, warm start and target-network refresh on taken optimizer steps, the tiny preset training a
+few steps, parameter counts on the meta device (equal to a real instance's; the full preset's against the
+architecture formula), and the presets composing and validating with Hydra.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from losses.composite import CompositeLoss
 from losses.multimodal import DQNTerm, MTPTerm, VQTerm, active_terms, mtp_targets
 from losses.reasoning import TokenCrossEntropyTerm
 from models.components.halting_dqn import CONTINUE, HALT
-from models.components.parameters import count_parameters
+from models.components.parameters import count_parameters, parameter_counts
 from models.components.vector_quantizer import VectorQuantizer
 from models.multimodal.capsule_encoder import CapsuleEncoder
 from models.multimodal.model import MultimodalTRM
@@ -430,6 +432,10 @@ def test_capsule_encoder_shapes():
 
 
 PRESET_FACTS = {"vocab_size": 258, "image_size": [64, 512], "in_channels": 1, "num_capsules": 12}
+TINY_PRESET_FACTS = {"vocab_size": 258, "target_len": 64, "image_size": [32, 128], "in_channels": 1, "num_capsules": 8}
+# The parameters each feature switch adds: the top-level submodules it creates (an EMA codebook is a buffer).
+FEATURE_MODULES = {"enable_latent_planning": {"planner"}, "enable_memory": {"memory"}, "enable_dqn": {"dqn"},
+                   "enable_mtp": {"mtp"}, "use_vq_codebook": {"vq_in", "vq", "vq_out"}}
 
 
 def preset_counts(name: str, target_len: int = 256) -> dict[str, int]:
@@ -439,26 +445,43 @@ def preset_counts(name: str, target_len: int = 256) -> dict[str, int]:
     return count_parameters(lambda: instantiate(cfg.model, **facts))
 
 
-def test_preset_parameter_counts_on_the_meta_device():
-    hesc = preset_counts("multimodal/hesc")  # target_len 256 (1024 parameters per output slot)
-    assert hesc["total"] == 163_045_765
-    assert hesc["planner"] == 37_803_009  # COCONUT: 3 blocks at hidden 1024 + path embeddings + scorer
-    assert hesc["net"] == 100_794_368  # the recursive TRM network: 8 blocks
-    assert hesc["total"] - hesc["trainable"] == 17_666  # the DQN's target network
-    assert preset_counts("multimodal/code_optimized")["total"] == 175_661_445  # more memory slots and MTP heads
-    assert preset_counts("multimodal/text_optimized")["total"] == 162_916_741  # 128 output slots, 6 planning paths
+def swiglu_parameters(width: int, expansion: float) -> int:
+    """gate, up and down matrices of a SwiGLU whose inner width is 2/3 of expansion x width, rounded up to 8."""
+    inner = math.ceil(max(8, round(expansion * width * 2 / 3)) / 8) * 8
+    return 3 * width * inner
 
 
-def test_tiny_preset_parameter_count_drops_with_each_feature():
+def test_counting_on_the_meta_device_equals_counting_a_real_instance():
     node = OmegaConf.load(CONF_DIR / "model" / "multimodal" / "tiny.yaml")
-    facts = {"vocab_size": 258, "target_len": 64, "image_size": [32, 128], "in_channels": 1, "num_capsules": 8}
-    full = count_parameters(lambda: instantiate(node, **facts))
-    assert full["total"] == 157_653
-    off = {f: count_parameters(lambda f=f: instantiate(node, **facts, **{f: False}))["total"] for f in FEATURES}
-    assert off == {"enable_latent_planning": 124_180, "enable_memory": 145_365, "enable_dqn": 156_305,
-                   "enable_mtp": 139_221, "use_vq_codebook": 155_605}
-    ckpt = count_parameters(lambda: instantiate(node, **facts, enable_gradient_checkpointing=True))
-    assert ckpt["total"] == full["total"]  # parameter-free switch
+    on_meta = count_parameters(lambda: instantiate(node, **TINY_PRESET_FACTS))
+    assert on_meta == parameter_counts(instantiate(node, **TINY_PRESET_FACTS))
+
+
+def test_each_feature_switch_removes_exactly_its_own_parameters():
+    node = OmegaConf.load(CONF_DIR / "model" / "multimodal" / "tiny.yaml")
+    full = count_parameters(lambda: instantiate(node, **TINY_PRESET_FACTS))
+    for feature, modules in FEATURE_MODULES.items():
+        off = count_parameters(lambda f=feature: instantiate(node, **TINY_PRESET_FACTS, **{f: False}))
+        assert not modules & set(off), feature
+        assert off["total"] == full["total"] - sum(full.get(m, 0) for m in modules), feature
+        assert {k: v for k, v in off.items() if k not in ("total", "trainable")} == \
+            {k: v for k, v in full.items() if k not in modules | {"total", "trainable"}}, feature
+    ckpt = count_parameters(lambda: instantiate(node, **TINY_PRESET_FACTS, enable_gradient_checkpointing=True))
+    assert ckpt == full  # a parameter-free switch
+
+
+def test_full_preset_matches_the_architecture_formula():
+    cfg = compose_config("model=multimodal/hesc").model
+    counts = preset_counts("multimodal/hesc")
+    width = cfg.hidden_size
+    block = 4 * width * width + swiglu_parameters(width, cfg.expansion)  # q, k, v, out + SwiGLU
+    assert counts["net"] == cfg.num_layers * block
+    assert counts["planner"] == cfg.latent_planning_layers * block + cfg.latent_num_paths * width + width + 1  # + scorer
+    assert counts["memory"] == 2 * cfg.memory_slots * width + 2 * width * width  # keys, values, query, out
+    assert counts["mtp"] == cfg.mtp_heads * swiglu_parameters(width, 1.0)
+    q_net = (cfg.dqn_state_dim + 2) * cfg.dqn_hidden + cfg.dqn_hidden + cfg.dqn_hidden * 2 + 2
+    assert counts["dqn"] == 2 * q_net  # the online and the target network
+    assert counts["total"] - counts["trainable"] == q_net  # only the target network is frozen
 
 
 def test_presets_compose_and_validate():
