@@ -664,7 +664,7 @@ def _dir_files(root: Path, patterns: Sequence[str], key: str) -> list[Path]:
 def _import_callable(dotted: str) -> Callable[..., Any]:
     module_name, _, attr = dotted.rpartition(".")
     if not module_name:
-        raise ValueError(f"encoder_factory must be a dotted path like 'models.multimodal.multimodal_trm.CapsuleEncoder', got {dotted!r}")
+        raise ValueError(f"encoder_factory must be a dotted path like 'models.multimodal.capsule_encoder.CapsuleEncoder', got {dotted!r}")
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:

@@ -1,4 +1,4 @@
-"""Loss terms of the multimodal TRM (models/multimodal/multimodal_trm.py), for ``CompositeLoss``.
+"""Loss terms of the multimodal TRM (models/multimodal/model.py), for ``CompositeLoss``.
 
 The token loss is ``losses.reasoning.TokenCrossEntropyTerm`` with ``labels_key: target``. The terms
 here read what the model's optional features put in its outputs:
@@ -22,12 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from losses.reasoning import (
-    IGNORE_INDEX,
-    _get,
-    softmax_cross_entropy,
-    stablemax_cross_entropy,
-)
+from losses.reasoning import TOKEN_LOSSES, check_token_loss_kind, from_outputs_or_batch, mean_over_rows
+from models.components.metrics import IGNORE_INDEX
 
 # Term name -> the output key it needs (the token loss needs only `logits`, always present).
 FEATURE_OUTPUT_KEYS = {"mtp": "mtp_logits", "vq": "vq_loss", "dqn": "dqn_loss"}
@@ -64,8 +60,7 @@ class MTPTerm(nn.Module):
     def __init__(self, weight: float = 0.3, kind: str = "softmax", logits_key: str = "mtp_logits", labels_key: str = "target",
                  ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
-        if kind not in ("stablemax", "softmax"):
-            raise ValueError(f"MTPTerm.kind must be 'stablemax' or 'softmax', got {kind!r}")
+        check_token_loss_kind(kind, "MTPTerm")
         self.weight, self.kind = float(weight), kind
         self.logits_key, self.labels_key, self.ignore_index = logits_key, labels_key, ignore_index
 
@@ -75,15 +70,13 @@ class MTPTerm(nn.Module):
             return _connected_zero(outputs)
         if isinstance(logits, (list, tuple)):
             logits = torch.stack(list(logits), dim=1)
-        labels = _get(outputs, batch, self.labels_key)
+        labels = from_outputs_or_batch(outputs, batch, self.labels_key)
         if logits.ndim != 4 or logits.shape[0] != labels.shape[0] or logits.shape[2] != labels.shape[1]:
             raise ValueError(f"{self.logits_key!r} has shape {list(logits.shape)}, expected [B, K, T, V] with "
                              f"{self.labels_key!r} [B, T] = {list(labels.shape)}")
         targets = mtp_targets(labels, logits.shape[1], self.ignore_index)
-        loss_fn = stablemax_cross_entropy if self.kind == "stablemax" else softmax_cross_entropy
-        per_token = loss_fn(logits, targets, self.ignore_index)  # [B, K, T]
-        counts = (targets != self.ignore_index).sum(dim=-1).clamp(min=1)
-        return (per_token.sum(dim=-1) / counts).mean().float()
+        per_token = TOKEN_LOSSES[self.kind](logits, targets, self.ignore_index)  # [B, K, T]
+        return mean_over_rows(per_token, targets, self.ignore_index, row_dims=2)  # a row: one head of one example
 
 
 class _OutputScalarTerm(nn.Module):

@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from models.components.act_halting import HALT_POLICIES
+from models.components.metrics import IGNORE_INDEX, rows_correct
 
 
-def _get(outputs: dict[str, Any], batch: dict[str, Any], key: str) -> torch.Tensor:
+def from_outputs_or_batch(outputs: dict[str, Any], batch: dict[str, Any], key: str) -> torch.Tensor:
+    """``outputs[key]`` if the model returned it (an ACT carry's labels), else ``batch[key]``."""
     value = outputs.get(key)
     if value is None:
         value = batch.get(key)
@@ -55,10 +57,21 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
     return flat.view(labels.shape)
 
 
-def rows_correct(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Bool[B]: every scored token of the row is predicted exactly."""
-    scored = labels != ignore_index
-    return ((logits.argmax(-1) == labels) | ~scored).flatten(1).all(dim=1)
+# Per-token cross-entropies by name (the `kind` of the token loss terms).
+TOKEN_LOSSES = {"stablemax": stablemax_cross_entropy, "softmax": softmax_cross_entropy}
+
+
+def check_token_loss_kind(kind: str, owner: str) -> None:
+    """Raise unless ``kind`` names a per-token cross-entropy of ``TOKEN_LOSSES``; ``owner`` names the term."""
+    if kind not in TOKEN_LOSSES:
+        raise ValueError(f"{owner}.kind must be 'stablemax' or 'softmax', got {kind!r}")
+
+
+def mean_over_rows(per_token: torch.Tensor, labels: torch.Tensor, ignore_index: int, row_dims: int = 1) -> torch.Tensor:
+    """Each row's mean over its scored tokens, then the mean over rows (a row: the first ``row_dims`` dims),
+    so a row counts the same whatever its number of scored tokens."""
+    counts = (labels != ignore_index).flatten(row_dims).sum(dim=-1).clamp(min=1)
+    return (per_token.flatten(row_dims).sum(dim=-1) / counts).mean().float()
 
 
 class TokenCrossEntropyTerm(nn.Module):
@@ -69,18 +82,15 @@ class TokenCrossEntropyTerm(nn.Module):
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__()
-        if kind not in ("stablemax", "softmax"):
-            raise ValueError(f"TokenCrossEntropyTerm.kind must be 'stablemax' or 'softmax', got {kind!r}")
+        check_token_loss_kind(kind, "TokenCrossEntropyTerm")
         self.weight, self.kind = float(weight), kind
         self.logits_key, self.labels_key, self.ignore_index = logits_key, labels_key, ignore_index
 
     def forward(self, outputs: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
-        logits, labels = outputs[self.logits_key], _get(outputs, batch, self.labels_key)
+        logits, labels = outputs[self.logits_key], from_outputs_or_batch(outputs, batch, self.labels_key)
         if logits.shape[:-1] != labels.shape:
             raise ValueError(f"{self.logits_key!r} has shape {list(logits.shape)}, {self.labels_key!r} {list(labels.shape)}")
-        per_token = (stablemax_cross_entropy if self.kind == "stablemax" else softmax_cross_entropy)(logits, labels, self.ignore_index)
-        counts = (labels != self.ignore_index).flatten(1).sum(dim=1).clamp(min=1)
-        return (per_token.flatten(1).sum(dim=1) / counts).mean().float()
+        return mean_over_rows(TOKEN_LOSSES[self.kind](logits, labels, self.ignore_index), labels, self.ignore_index)
 
 
 class QHaltTerm(nn.Module):
@@ -91,7 +101,7 @@ class QHaltTerm(nn.Module):
         self.weight, self.labels_key, self.ignore_index = float(weight), labels_key, ignore_index
 
     def forward(self, outputs: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
-        target = rows_correct(outputs["logits"].detach(), _get(outputs, batch, self.labels_key), self.ignore_index)
+        target = rows_correct(outputs["logits"].detach(), from_outputs_or_batch(outputs, batch, self.labels_key), self.ignore_index)
         q = outputs["q_halt_logits"].float()
         return F.binary_cross_entropy_with_logits(q, target.to(q.dtype))
 
@@ -128,7 +138,7 @@ class PonderCostTerm(nn.Module):
 
     def __init__(self, weight: float = 0.0, policy: str = "q_halt") -> None:
         super().__init__()
-        if policy not in ("q_halt", "q_halt_vs_continue"):
+        if policy not in HALT_POLICIES:
             raise ValueError(f"PonderCostTerm.policy must be 'q_halt' or 'q_halt_vs_continue', got {policy!r}")
         self.weight, self.policy = float(weight), policy
 

@@ -30,22 +30,21 @@ class LinearRamp:
         if step >= self.end_step:
             return self.end_value
         frac = (step - self.start_step) / (self.end_step - self.start_step)
-        return self.start_value + frac * (self.end_value - self.start_value)
+        return self.start_value + self.ease(frac) * (self.end_value - self.start_value)
+
+    def ease(self, frac: float) -> float:
+        """The ramp's shape: how far from start to end (0..1) at a fraction ``frac`` (0..1) of its steps."""
+        return frac
 
     def __repr__(self) -> str:
-        return f"LinearRamp({self.start_value} -> {self.end_value}, steps {self.start_step}..{self.end_step})"
+        return f"{type(self).__name__}({self.start_value} -> {self.end_value}, steps {self.start_step}..{self.end_step})"
 
 
 class CosineRamp(LinearRamp):
     """Like LinearRamp but with a half-cosine shape (smooth at both ends)."""
 
-    def __call__(self, step: int) -> float:
-        if step <= self.start_step:
-            return self.start_value
-        if step >= self.end_step:
-            return self.end_value
-        frac = (step - self.start_step) / (self.end_step - self.start_step)
-        return self.start_value + 0.5 * (1.0 - math.cos(math.pi * frac)) * (self.end_value - self.start_value)
+    def ease(self, frac: float) -> float:
+        return 0.5 * (1.0 - math.cos(math.pi * frac))
 
 
 class StepValues:

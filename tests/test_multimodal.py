@@ -1,9 +1,11 @@
-"""The multimodal TRM (models/multimodal/multimodal_trm.py), its loss terms, the gradient monitor and the code evaluators.
+"""The multimodal TRM (models/multimodal/), its components (VQ, memory, DQN halting), its loss terms, the
+gradient monitor and the code evaluators.
 
 Small CPU tests: VQ straight-through / usage / EMA by hand, MTP targets by hand, every feature switch
-(parameter count, outputs, loss terms), gradient checkpointing on = off, the DQN's transitions, warm
-start and target-network refresh, the tiny preset training a few steps, the presets' parameter counts
-on the meta device, and the presets composing and validating with Hydra.
+(outputs, loss terms, and exactly its own parameters), gradient checkpointing on = off, the DQN's
+transitions, warm start and target-network refresh on taken optimizer steps, the tiny preset training a
+few steps, parameter counts on the meta device (equal to a real instance's; the full preset's against the
+architecture formula), and the presets composing and validating with Hydra.
 """
 
 from __future__ import annotations
@@ -21,14 +23,11 @@ from omegaconf import OmegaConf
 from losses.composite import CompositeLoss
 from losses.multimodal import DQNTerm, MTPTerm, VQTerm, active_terms, mtp_targets
 from losses.reasoning import TokenCrossEntropyTerm
-from models.multimodal.multimodal_trm import (
-    CONTINUE,
-    HALT,
-    CapsuleEncoder,
-    MultimodalTRM,
-    VectorQuantizer,
-    count_parameters,
-)
+from models.components.halting_dqn import CONTINUE, HALT
+from models.components.parameters import count_parameters, parameter_counts
+from models.components.vector_quantizer import VectorQuantizer
+from models.multimodal.capsule_encoder import CapsuleEncoder
+from models.multimodal.model import MultimodalTRM
 from tests.conftest import CONF_DIR, compose_config
 from dataset.multimodal.code_evaluator import CodeEvaluator, SourceExactMatch
 from utils.config.validation import validate_config
@@ -293,26 +292,65 @@ def test_dqn_transitions_warm_start_and_td_loss():
     assert all(p.grad is None for p in model.dqn.target_net.parameters())
 
 
-def test_dqn_target_network_refreshes_every_interval():
+def test_dqn_target_network_refreshes_on_taken_optimizer_steps_only():
     model = tiny(dqn_target_update_interval=3)
+    dqn = model.dqn
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    snapshots, equal_after_forward = [], []
-    for i in range(7):
-        out = model(batch_of(seed=i))
-        target = torch.cat([p.flatten() for p in model.dqn.target_net.parameters()]).clone()
-        online = torch.cat([p.flatten() for p in model.dqn.q_net.parameters()])
-        snapshots.append(target)
-        equal_after_forward.append(torch.equal(target, online))
+
+    def target() -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in dqn.target_net.parameters()]).clone()
+
+    def online() -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in dqn.q_net.parameters()])
+
+    def train_step(seed: int) -> dict:
+        batch = batch_of(seed=seed)
+        out = model(batch)
         optimizer.zero_grad()
-        multimodal_loss()(out, batch_of(seed=i))["loss"].backward()
+        multimodal_loss()(out, batch)["loss"].backward()
         optimizer.step()
-    assert int(model.dqn.target_updates) == 2 and int(model.dqn.train_steps) == 7
-    # A copy at construction (equal until the first optimizer step), refreshed at forwards 3 and 6 (1-based):
-    # equal to the online net right then, unchanged in between.
-    assert equal_after_forward == [True, False, True, False, False, True, False]
-    assert torch.equal(snapshots[0], snapshots[1]) and not torch.equal(snapshots[1], snapshots[2])
+        return out
+
+    # Optimizer steps the hook is not told about (as for a step the trainer skips) and forwards alone,
+    # more of them than the interval: the target network stays the copy made at construction.
+    initial = target()
+    for i in range(4):
+        train_step(seed=i)
+    assert not torch.equal(online(), initial)  # the Q-network has learned something the target could copy
+    for i in range(4):
+        model(batch_of(seed=10 + i))
+    assert torch.equal(target(), initial) and int(dqn.target_updates) == 0 and int(dqn.optimizer_steps) == 0
+    assert int(dqn.train_steps) == 8  # training forwards are counted, taken or not
+
+    snapshots, equal_after_hook = [], []
+    for i in range(7):
+        out = train_step(seed=20 + i)
+        model.on_after_optimizer_step(None, batch_of(seed=20 + i), out)
+        snapshots.append(target())
+        equal_after_hook.append(torch.equal(snapshots[-1], online()))
+    assert int(dqn.optimizer_steps) == 7 and int(dqn.target_updates) == 2
+    # Refreshed after the 3rd and the 6th taken step (1-based), unchanged in between.
+    assert equal_after_hook == [False, False, True, False, False, True, False]
+    assert torch.equal(snapshots[0], initial) and torch.equal(snapshots[1], initial)
     assert torch.equal(snapshots[2], snapshots[3]) and torch.equal(snapshots[3], snapshots[4])
-    assert not torch.equal(snapshots[4], snapshots[5]) and torch.equal(snapshots[5], snapshots[6])
+    assert torch.equal(snapshots[5], snapshots[6]) and not torch.equal(snapshots[4], snapshots[5])
+
+    # The step counter is model state: a model resumed from this state_dict refreshes on the same step.
+    resumed = tiny(seed=5, dqn_target_update_interval=3)
+    resumed.load_state_dict(model.state_dict())
+    for m in (model, resumed):
+        for _ in range(2):
+            m.on_after_optimizer_step(None, {}, {})
+        assert int(m.dqn.optimizer_steps) == 9 and int(m.dqn.target_updates) == 3
+    assert torch.equal(target(), torch.cat([p.flatten() for p in resumed.dqn.target_net.parameters()]))
+
+
+def test_the_optimizer_step_hook_is_a_no_op_without_the_dqn():
+    model = tiny(enable_dqn=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.on_after_optimizer_step(None, {}, {})
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_dqn_policy_decides_the_steps_at_evaluation():
@@ -393,6 +431,10 @@ def test_capsule_encoder_shapes():
 
 
 PRESET_FACTS = {"vocab_size": 258, "image_size": [64, 512], "in_channels": 1, "num_capsules": 12}
+TINY_PRESET_FACTS = {"vocab_size": 258, "target_len": 64, "image_size": [32, 128], "in_channels": 1, "num_capsules": 8}
+# The parameters each feature switch adds: the top-level submodules it creates (an EMA codebook is a buffer).
+FEATURE_MODULES = {"enable_latent_planning": {"planner"}, "enable_memory": {"memory"}, "enable_dqn": {"dqn"},
+                   "enable_mtp": {"mtp"}, "use_vq_codebook": {"vq_in", "vq", "vq_out"}}
 
 
 def preset_counts(name: str, target_len: int = 256) -> dict[str, int]:
@@ -402,26 +444,43 @@ def preset_counts(name: str, target_len: int = 256) -> dict[str, int]:
     return count_parameters(lambda: instantiate(cfg.model, **facts))
 
 
-def test_preset_parameter_counts_on_the_meta_device():
-    hesc = preset_counts("multimodal/hesc")  # target_len 256 (1024 parameters per output slot)
-    assert hesc["total"] == 163_045_765
-    assert hesc["planner"] == 37_803_009  # COCONUT: 3 blocks at hidden 1024 + path embeddings + scorer
-    assert hesc["net"] == 100_794_368  # the recursive TRM network: 8 blocks
-    assert hesc["total"] - hesc["trainable"] == 17_666  # the DQN's target network
-    assert preset_counts("multimodal/code_optimized")["total"] == 175_661_445  # more memory slots and MTP heads
-    assert preset_counts("multimodal/text_optimized")["total"] == 162_916_741  # 128 output slots, 6 planning paths
+def swiglu_parameters(width: int, expansion: float) -> int:
+    """gate, up and down matrices of a SwiGLU whose inner width is 2/3 of expansion x width, rounded up to 8."""
+    inner = math.ceil(max(8, round(expansion * width * 2 / 3)) / 8) * 8
+    return 3 * width * inner
 
 
-def test_tiny_preset_parameter_count_drops_with_each_feature():
+def test_counting_on_the_meta_device_equals_counting_a_real_instance():
     node = OmegaConf.load(CONF_DIR / "model" / "multimodal" / "tiny.yaml")
-    facts = {"vocab_size": 258, "target_len": 64, "image_size": [32, 128], "in_channels": 1, "num_capsules": 8}
-    full = count_parameters(lambda: instantiate(node, **facts))
-    assert full["total"] == 157_653
-    off = {f: count_parameters(lambda f=f: instantiate(node, **facts, **{f: False}))["total"] for f in FEATURES}
-    assert off == {"enable_latent_planning": 124_180, "enable_memory": 145_365, "enable_dqn": 156_305,
-                   "enable_mtp": 139_221, "use_vq_codebook": 155_605}
-    ckpt = count_parameters(lambda: instantiate(node, **facts, enable_gradient_checkpointing=True))
-    assert ckpt["total"] == full["total"]  # parameter-free switch
+    on_meta = count_parameters(lambda: instantiate(node, **TINY_PRESET_FACTS))
+    assert on_meta == parameter_counts(instantiate(node, **TINY_PRESET_FACTS))
+
+
+def test_each_feature_switch_removes_exactly_its_own_parameters():
+    node = OmegaConf.load(CONF_DIR / "model" / "multimodal" / "tiny.yaml")
+    full = count_parameters(lambda: instantiate(node, **TINY_PRESET_FACTS))
+    for feature, modules in FEATURE_MODULES.items():
+        off = count_parameters(lambda f=feature: instantiate(node, **TINY_PRESET_FACTS, **{f: False}))
+        assert not modules & set(off), feature
+        assert off["total"] == full["total"] - sum(full.get(m, 0) for m in modules), feature
+        assert {k: v for k, v in off.items() if k not in ("total", "trainable")} == \
+            {k: v for k, v in full.items() if k not in modules | {"total", "trainable"}}, feature
+    ckpt = count_parameters(lambda: instantiate(node, **TINY_PRESET_FACTS, enable_gradient_checkpointing=True))
+    assert ckpt == full  # a parameter-free switch
+
+
+def test_full_preset_matches_the_architecture_formula():
+    cfg = compose_config("model=multimodal/hesc").model
+    counts = preset_counts("multimodal/hesc")
+    width = cfg.hidden_size
+    block = 4 * width * width + swiglu_parameters(width, cfg.expansion)  # q, k, v, out + SwiGLU
+    assert counts["net"] == cfg.num_layers * block
+    assert counts["planner"] == cfg.latent_planning_layers * block + cfg.latent_num_paths * width + width + 1  # + scorer
+    assert counts["memory"] == 2 * cfg.memory_slots * width + 2 * width * width  # keys, values, query, out
+    assert counts["mtp"] == cfg.mtp_heads * swiglu_parameters(width, 1.0)
+    q_net = (cfg.dqn_state_dim + 2) * cfg.dqn_hidden + cfg.dqn_hidden + cfg.dqn_hidden * 2 + 2
+    assert counts["dqn"] == 2 * q_net  # the online and the target network
+    assert counts["total"] - counts["trainable"] == q_net  # only the target network is frozen
 
 
 def test_presets_compose_and_validate():

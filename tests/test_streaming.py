@@ -465,7 +465,7 @@ def test_setup_rejects_malformed_files_and_mismatched_config(code_dir: Path, tmp
 
 
 class TinyEncoder(torch.nn.Module):
-    """Stands in for models.multimodal.multimodal_trm.CapsuleEncoder: float images [B,1,H,W] -> [B, 3, 4]."""
+    """Stands in for models.multimodal.capsule_encoder.CapsuleEncoder: float images [B,1,H,W] -> [B, 3, 4]."""
 
     def __init__(self, num_capsules: int = 3, dim: int = 4) -> None:
         super().__init__()

@@ -160,7 +160,7 @@ class StreamingData:
             if unknown:
                 raise ValueError(f"data.pre_encode: unknown keys {unknown}; accepted: {', '.join(PRE_ENCODE_KEYS)}")
             if not isinstance(pre.get("encoder_factory"), str):
-                raise ValueError("data.pre_encode.encoder_factory must be a dotted path, e.g. models.multimodal.multimodal_trm.CapsuleEncoder")
+                raise ValueError("data.pre_encode.encoder_factory must be a dotted path, e.g. models.multimodal.capsule_encoder.CapsuleEncoder")
         # Everything the background builder needs, JSON-able (it gets it on its command line).
         self.builder_kwargs: dict[str, Any] = {
             "arc_dir": str(arc_dir) if arc_dir else None,

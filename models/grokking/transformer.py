@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, num_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.dropout = dropout
-        self.resid_dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        # [B, T, 3C] -> 3 x [B, heads, T, head_dim]
-        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
-        y = y.transpose(1, 2).reshape(b, t, c)
-        return self.resid_dropout(self.proj(y))
+from models.components.attention import CausalSelfAttention
 
 
 class Block(nn.Module):
+    """Pre-LayerNorm block: x = x + attn(ln(x)); x = x + mlp(ln(x))."""
+
     def __init__(self, width: int, num_heads: int, dropout: float) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(width)

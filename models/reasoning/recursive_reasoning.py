@@ -45,119 +45,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.reasoning import rows_correct
+from models.components.act_halting import HALT_POLICIES, QHaltHead, act_halted, q_halt_accuracy
+from models.components.initialization import trunc_normal_
+from models.components.metrics import rows_correct
+from models.components.reasoning_net import MIXERS, ReasoningNet
+from models.components.rotary import RotaryEmbedding
 
 ARCHITECTURES = ("trm", "hrm", "plain")
-MIXERS = ("attention", "mlp")
 POS_ENCODINGS = ("rope", "learned", "none")
 CARRY_KEYS = ("z_H", "z_L", "steps", "halted", "inputs", "labels", "puzzle_identifiers")
-
-
-def _rms_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    # Parameter-free RMSNorm, computed in float32 (as TRM/HRM do) and cast back.
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-
-def _trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
-    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
-
-
-def _swiglu_width(width: int, expansion: float) -> int:
-    # SwiGLU keeps the parameter count of a `expansion`x MLP with 2/3 of the width, rounded up to 8.
-    inner = max(8, round(expansion * width * 2 / 3))
-    return (inner + 7) // 8 * 8
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, width: int, expansion: float) -> None:
-        super().__init__()
-        inner = _swiglu_width(width, expansion)
-        self.gate_up = nn.Linear(width, 2 * inner, bias=False)
-        self.down = nn.Linear(inner, width, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
-class RotaryEmbedding(nn.Module):
-    """Rotary position embedding tables (Su et al. 2021) for a fixed maximum length."""
-
-    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
-        super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-        emb = torch.cat([angles, angles], dim=-1)
-        # Not saved in checkpoints: recomputed from the shape.
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` [B, heads, L, head_dim]."""
-        seq = x.shape[-2]
-        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
-
-
-class SelfAttention(nn.Module):
-    """Non-causal multi-head self-attention (every cell of the grid sees every other)."""
-
-    def __init__(self, width: int, num_heads: int, rotary: RotaryEmbedding | None) -> None:
-        super().__init__()
-        if width % num_heads:
-            raise ValueError(f"hidden_size={width} must be divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(width, 3 * width, bias=False)
-        self.out = nn.Linear(width, width, bias=False)
-        self.rotary = rotary
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, width = x.shape
-        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
-        if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=False)
-        return self.out(attended.transpose(1, 2).reshape(batch, seq, width))
-
-
-class SequenceMLP(nn.Module):
-    """Token mixing by an MLP across the sequence (TRM-MLP): needs a fixed sequence length."""
-
-    def __init__(self, seq_len: int, expansion: float) -> None:
-        super().__init__()
-        self.mlp = SwiGLU(seq_len, expansion)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x.transpose(1, 2)).transpose(1, 2)
-
-
-class ReasoningBlock(nn.Module):
-    """Post-norm block: x = norm(x + mix(x)); x = norm(x + mlp(x))."""
-
-    def __init__(self, width: int, num_heads: int, expansion: float, mixer: str, total_len: int, rotary: RotaryEmbedding | None) -> None:
-        super().__init__()
-        self.mix = SelfAttention(width, num_heads, rotary) if mixer == "attention" else SequenceMLP(total_len, expansion)
-        self.mlp = SwiGLU(width, expansion)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _rms_norm(x + self.mix(x))
-        return _rms_norm(x + self.mlp(x))
-
-
-class ReasoningNet(nn.Module):
-    """A stack of blocks applied to ``state + injection`` (the injection is the other latent / input)."""
-
-    def __init__(self, num_layers: int, **block_kwargs: Any) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(ReasoningBlock(**block_kwargs) for _ in range(num_layers))
-
-    def forward(self, state: torch.Tensor, injection: torch.Tensor | None = None) -> torch.Tensor:
-        x = state if injection is None else state + injection
-        for layer in self.layers:
-            x = layer(x)
-        return x
 
 
 class RecursiveReasoningModel(nn.Module):
@@ -191,7 +87,7 @@ class RecursiveReasoningModel(nn.Module):
             ("architecture", architecture, ARCHITECTURES),
             ("mixer", mixer, MIXERS),
             ("pos_encodings", pos_encodings, POS_ENCODINGS),
-            ("halt_policy", halt_policy, ("q_halt", "q_halt_vs_continue")),
+            ("halt_policy", halt_policy, HALT_POLICIES),
         ):
             if value not in allowed:
                 raise ValueError(f"model.{name} must be one of {list(allowed)}, got {value!r}")
@@ -227,10 +123,10 @@ class RecursiveReasoningModel(nn.Module):
 
         self.embed_scale = math.sqrt(hidden_size)
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
-        _trunc_normal_(self.embed_tokens.weight, std=1.0 / self.embed_scale)
+        trunc_normal_(self.embed_tokens.weight, std=1.0 / self.embed_scale)
         self.embed_pos = None
         if pos_encodings == "learned":
-            self.embed_pos = nn.Parameter(_trunc_normal_(torch.empty(total_len, hidden_size), std=1.0 / self.embed_scale))
+            self.embed_pos = nn.Parameter(trunc_normal_(torch.empty(total_len, hidden_size), std=1.0 / self.embed_scale))
         rotary = None
         if pos_encodings == "rope" and mixer == "attention":
             rotary = RotaryEmbedding(hidden_size // num_heads, total_len, base=rope_base)
@@ -240,14 +136,10 @@ class RecursiveReasoningModel(nn.Module):
         self.H_net = ReasoningNet(H_layers or num_layers, **block) if architecture == "hrm" else None
 
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
-        self.q_head = nn.Linear(hidden_size, 2, bias=True)
-        # Start by almost never halting (sigmoid(-5) ~ 0.7%), so early training explores all steps (as TRM/HRM).
-        with torch.no_grad():
-            self.q_head.weight.zero_()
-            self.q_head.bias.fill_(-5.0)
+        self.q_head = QHaltHead(hidden_size)  # starts by almost never halting, so early training explores every step
         # Initial latents: fixed random vectors (buffers, saved with the weights).
-        self.register_buffer("H_init", _trunc_normal_(torch.empty(hidden_size), std=1.0))
-        self.register_buffer("L_init", _trunc_normal_(torch.empty(hidden_size), std=1.0))
+        self.register_buffer("H_init", trunc_normal_(torch.empty(hidden_size), std=1.0))
+        self.register_buffer("L_init", trunc_normal_(torch.empty(hidden_size), std=1.0))
 
     # ------------------------------------------------------------------ the network
     def embed(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
@@ -287,8 +179,8 @@ class RecursiveReasoningModel(nn.Module):
 
     def heads(self, z_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.lm_head(z_H[:, self.puzzle_emb_len:])
-        q = self.q_head(z_H[:, 0]).float()
-        return logits, q[:, 0], q[:, 1]
+        q_halt, q_continue = self.q_head(z_H[:, 0])
+        return logits, q_halt, q_continue
 
     # ------------------------------------------------------------------ ACT
     def initial_carry(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -333,23 +225,16 @@ class RecursiveReasoningModel(nn.Module):
         steps = steps + 1
         outputs: dict[str, Any] = {"logits": logits, "q_halt_logits": q_halt, "q_continue_logits": q_continue, "labels": labels}
 
-        with torch.no_grad():
-            is_last = steps >= self.halt_max_steps
-            halted = is_last
-            if self.training and self.halt_max_steps > 1:
-                wants_halt = q_halt > 0 if self.halt_policy == "q_halt" else q_halt > q_continue
-                halted = halted | wants_halt
-                # Exploration: with some probability a row must run a random minimum number of steps,
-                # so the Q-head also sees (and learns the value of) longer computations.
-                explore = torch.rand_like(q_halt) < self.halt_exploration_prob
-                min_steps = torch.randint_like(steps, 2, self.halt_max_steps + 1) * explore
-                halted = halted & (steps >= min_steps)
-                if self.bootstrap_q_continue:
-                    # DQN-style target for "continue": the value of the best action at the next step.
-                    next_H, _ = self.recurse(z_H, z_L, x)
-                    _, next_halt, next_continue = self.heads(next_H)
-                    target = torch.where(is_last, next_halt, torch.maximum(next_halt, next_continue))
-                    outputs["target_q_continue"] = torch.sigmoid(target)
+        halted = act_halted(steps, self.halt_max_steps, q_halt, q_continue, self.halt_policy,
+                            self.halt_exploration_prob, self.training)
+        if self.training and self.halt_max_steps > 1 and self.bootstrap_q_continue:
+            with torch.no_grad():
+                # DQN-style target for "continue": the value of the best action at the next step.
+                next_H, _ = self.recurse(z_H, z_L, x)
+                _, next_halt, next_continue = self.heads(next_H)
+                is_last = steps >= self.halt_max_steps
+                target = torch.where(is_last, next_halt, torch.maximum(next_halt, next_continue))
+                outputs["target_q_continue"] = torch.sigmoid(target)
         outputs["steps"], outputs["halted"] = steps, halted
         new_carry = {"z_H": z_H, "z_L": z_L, "steps": steps, "halted": halted, "inputs": inputs, "labels": labels, "puzzle_identifiers": ids}
         return new_carry, outputs
@@ -397,7 +282,7 @@ class RecursiveReasoningModel(nn.Module):
                 "act/halted_frac": halted.float().mean(),
                 "act/steps": (outputs["steps"] * halted).sum() / count,
                 "act/halted_exact_acc": (correct & halted).sum() / count,
-                "act/q_halt_acc": _q_halt_accuracy(outputs),
+                "act/q_halt_acc": q_halt_accuracy(outputs["q_halt_logits"], correct),
             }
 
 
@@ -409,7 +294,4 @@ def _puzzle_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _q_halt_accuracy(outputs: dict[str, Any]) -> torch.Tensor:
-    """How often ``q_halt > 0`` agrees with "the answer is exactly right"."""
-    with torch.no_grad():
-        correct = rows_correct(outputs["logits"], outputs["labels"])
-        return ((outputs["q_halt_logits"] > 0) == correct).float().mean()
+    return q_halt_accuracy(outputs["q_halt_logits"], rows_correct(outputs["logits"], outputs["labels"]))
