@@ -35,7 +35,7 @@ def config_error(*overrides: str) -> str:
 def group_options() -> list[tuple[str, str]]:
     """(group, option) for every yaml file in every config group directory under conf/."""
     options = []
-    for group_dir in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
+    for group_dir in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "shrink")):  # shrink: applied by debug modes
         for path in sorted(group_dir.rglob("*.yaml")):  # family options live in subfolders (model=reasoning/trm)
             options.append((group_dir.name, path.relative_to(group_dir).with_suffix("").as_posix()))
     return options

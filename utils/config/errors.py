@@ -18,13 +18,15 @@ def nearest_keys(key: str, candidates: list[str]) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
-def from_omegaconf(err: OmegaConfBaseException, override: str | None = None) -> ConfigError:
+def from_omegaconf(err: OmegaConfBaseException, override: str | None = None, prefix: str = "") -> ConfigError:
     """One short message for a key or value the typed schema refuses (while composing or merging).
 
     Hydra's own text for a typo in a typed group advises appending with `+`, which is wrong for a typo;
     this names the key, the problem and the valid (nearest) keys instead.
     """
     full_key = getattr(err, "full_key", None) or "?"
+    if prefix:
+        full_key = f"{prefix}.{full_key}" if not str(full_key).startswith("[") else f"{prefix}{full_key}"
     node_type = getattr(err, "object_type", None)
     known = [f.name for f in dataclasses.fields(node_type)] if dataclasses.is_dataclass(node_type) else []
     if isinstance(err, (ConfigAttributeError, ConfigKeyError)) and known:

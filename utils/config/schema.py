@@ -104,7 +104,7 @@ class StageConf:
     data: Optional[Any] = None  # merged onto `data` (a node with `_target_` replaces it)
     batch_size: Optional[int] = None  # the global batch size in this stage
     loss_weights: Dict[str, float] = field(default_factory=dict)
-    grad_filter: Any = "inherit"  # inherit | off | {alpha, lamb, window_size, components}
+    grad_filter: Any = "inherit"  # inherit | none | {alpha, lamb, window_size, components}
     freeze: List[str] = field(default_factory=list)  # module prefixes not updated in this stage
     lr_scale: Dict[str, float] = field(default_factory=dict)  # optimizer name -> factor on its learning rate
     model: Dict[str, Any] = field(default_factory=dict)  # runtime knobs: attributes of the model
@@ -138,7 +138,9 @@ class LauncherConfig:
     schedule: Any = None  # a `_partial_` factory(optimizer, total_steps): utils/optim/schedules.py
     grad_filter: Any = None
     trainer: TrainerConf = field(default_factory=TrainerConf)
-    curriculum: Optional[CurriculumConf] = None  # none: one stage that changes nothing
+    # None: one stage that changes nothing. Typed as Any so a stage list can also be given inline on the
+    # command line; validate_config checks it against CurriculumConf.
+    curriculum: Any = None
     callbacks: Dict[str, Any] = field(default_factory=dict)  # named `_target_` nodes (utils/training/callbacks.py)
     # Experiment trackers by name (`_target_` nodes); the local train.log and metrics.jsonl are always written.
     logger: Dict[str, Any] = field(default_factory=dict)

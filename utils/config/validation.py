@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from utils.config.errors import ConfigError, from_omegaconf, nearest_keys
-from utils.config.schema import LauncherConfig
+from utils.config.schema import CurriculumConf, LauncherConfig
 from utils.training.intervals import parse_interval
 
 # Keys Hydra interprets itself inside a `_target_` node.
@@ -42,6 +42,11 @@ def validate_config(cfg: DictConfig, model_given: bool = False) -> DictConfig:
         merged = OmegaConf.merge(schema, user)
     except OmegaConfBaseException as err:
         raise from_omegaconf(err) from None
+    if merged.curriculum is not None:
+        try:
+            merged.curriculum = OmegaConf.merge(OmegaConf.structured(CurriculumConf), merged.curriculum)
+        except OmegaConfBaseException as err:
+            raise from_omegaconf(err, prefix="curriculum") from None
     OmegaConf.set_struct(merged, True)
     _check_schema_keys(merged, "")
     for path, node in _target_nodes(merged):

@@ -7,11 +7,13 @@ a callback overrides only the ones it needs:
     on_stage_start(trainer, stage)              when a curriculum stage begins (also stage 0, also on resume)
     on_train_epoch_start(trainer)               before the sampler of a new (or resumed) epoch starts
     on_train_batch_start(trainer, batch)        before the forward of every training step
+                                                (trainer.state.step: the steps done so far)
     on_after_optimizer_step(trainer, batch, outputs)
                                                 after the optimizer step (or a local learner's update) of a
-                                                step that was taken; never for a step the non-finite guard
-                                                skipped. EMA is updated after all of these (it averages the
-                                                weights the callbacks leave, e.g. after constraints).
+                                                step that was taken, which trainer.state.step already counts;
+                                                never for a step the non-finite guard skipped. EMA is updated
+                                                after all of these (it averages the weights the callbacks
+                                                leave, e.g. after constraints).
     on_validation_end(trainer, metrics)         after every evaluation, with the metrics (`val/...`)
     on_fit_end(trainer)                         once, when training stops (not after a pre-emption signal)
     make_figures(run_dir, step) -> {name: png}  with the training-curve plots (rank 0 only, no collectives)

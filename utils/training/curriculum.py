@@ -6,7 +6,7 @@ nothing (no cost). A stage (schema: `utils.config.schema.StageConf`) may set
     data          overrides merged onto the `data` node (a node with `_target_` replaces it)
     batch_size    the global batch size
     loss_weights  {term: weight} of a CompositeLoss (terms not named keep their configured weight)
-    grad_filter   inherit (as configured) | off | {alpha, lamb, window_size, components}
+    grad_filter   inherit (as configured) | none (no filtering) | {alpha, lamb, window_size, components}
     freeze        module prefixes whose parameters are not updated in this stage
     lr_scale      {optimizer: factor}: that optimizer's learning rate relative to the configured one
     model         runtime knobs: attributes of the model (e.g. {refinement_steps: 4})
@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from utils.config.errors import ConfigError
 
-GRAD_FILTER_MODES = ("inherit", "off")
+GRAD_FILTER_MODES = ("inherit", "none")
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,10 @@ class Curriculum:
                 if spec.get(key) is not None and spec[key] <= 0:
                     raise ConfigError(f"{where}.{key} must be positive, got {spec[key]}.")
             grad_filter = spec.get("grad_filter", "inherit")
-            grad_filter = "off" if grad_filter is None else grad_filter
-            if isinstance(grad_filter, str) and grad_filter not in GRAD_FILTER_MODES:
-                raise ConfigError(f"{where}.grad_filter must be inherit, off or a dict of filter options, got {grad_filter!r}.")
+            if grad_filter is None or grad_filter is False:  # null, or YAML's `off`/`no`
+                grad_filter = "none"
+            if not isinstance(grad_filter, dict) and grad_filter not in GRAD_FILTER_MODES:
+                raise ConfigError(f"{where}.grad_filter must be inherit, none or a dict of filter options, got {grad_filter!r}.")
             stages.append(Stage(
                 index=i,
                 name=str(spec.get("name") or f"stage{i}"),

@@ -310,7 +310,7 @@ class Trainer:
         self.callbacks.call("on_stage_start", self, stage)
 
     def _configure_grad_filter(self, stage: Stage) -> None:
-        self.grad_filter_active = stage.grad_filter != "off"
+        self.grad_filter_active = stage.grad_filter != "none"
         if isinstance(stage.grad_filter, dict):
             if isinstance(self.grad_filter, NoFilter):
                 raise ConfigError(f"{stage.label} sets grad_filter options, but grad_filter=none; pick e.g. grad_filter=grokfast_ema.")
@@ -490,7 +490,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, batch: Any) -> dict[str, torch.Tensor] | None:
-        """Forward, backward (or local update), filter, clip, step. Returns metrics, or None when skipped."""
+        """Forward, backward (or local update), filter, clip, step; counts the step (`state.step`) whether it
+        was taken or skipped as non-finite. Returns metrics, or None when skipped."""
         self.callbacks.call("on_train_batch_start", self, batch)
         component_norms: dict[str, torch.Tensor] = {}
         monitor_metrics: dict[str, float] = {}
@@ -530,6 +531,7 @@ class Trainer:
         finite = bool(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))
         if not finite:
             self._skip_nonfinite_step(total)
+            self.state.step += 1  # a skipped step still consumed its batch: the data order stays the same
             return None
         self.state.consecutive_nonfinite = 0
         self.carry = _detach(new_carry)
@@ -547,6 +549,7 @@ class Trainer:
         for sch in self.schedulers.values():
             if steps_per_call(sch) == "step":
                 sch.step()
+        self.state.step += 1  # callbacks after the step see it counted (as Lightning's global_step)
         self.callbacks.call("on_after_optimizer_step", self, batch, outputs)
         if self.ema is not None:
             self.ema.update(self.model)
@@ -726,8 +729,7 @@ class Trainer:
                 for batch in self.train_loader:
                     batch = _to_device(batch, self.device)
                     self._log_step = (s.step + 1) % log_interval == 0
-                    metrics = self.train_step(batch)
-                    s.step += 1
+                    metrics = self.train_step(batch)  # counts the step (s.step += 1)
                     s.batches_in_epoch += 1
                     window_steps += 1
                     self.progress.update()
