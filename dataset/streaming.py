@@ -79,7 +79,7 @@ import torch
 from dataset.reasoning.arc import ArcTask, file_sha256, load_subset, subset_files
 from dataset.multimodal.story_generator import STORY_SEPARATOR, write_stories
 from dataset.multimodal.text_renderer import render_grid, render_grid_panel, render_text
-from utils.storage.checkpoint import atomic_write, fsync_dir
+from utils.storage.atomic import atomic_write, fsync_dir
 from utils.config.validation import ConfigError
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from dataset.reasoning.arc import SEQ_LEN, decode_grid, load_arc_tasks, unaugment_grid
 from dataset.streaming import BYTE_OFFSET, EOS_TOKEN, decode_target
-from utils.storage.checkpoint import atomic_write_text
+from utils.storage.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
