@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from dataset.base import TensorDictDataset, collate_tensor_dicts, describe_tensors
+from dataset.tensors import TensorDictDataset, collate_tensor_dicts, describe_tensors
 from dataset.streaming import (
     ARC_TASKS_FILE,
     BYTE_OFFSET,
