@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 BUILD_HINT = "build it with `python train.py --dataset-only` (add `--rebuild-dataset` to force a rebuild)"
 
 
+def require_int(key: str, value: Any, minimum: int) -> int:
+    """`value` when it is an integer >= `minimum` (a bool is not), else ValueError naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def params_digest(params: Mapping[str, Any]) -> str:
     """sha256 of the parameters as sorted JSON: the same values give the same digest on every machine."""
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8")).hexdigest()

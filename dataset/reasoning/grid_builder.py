@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from dataset.base import DiskDatasetBuilder, params_digest
+from dataset.base import DiskDatasetBuilder, params_digest, require_int
 from dataset.reasoning.puzzles import SPLIT_FILES, write_split
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,7 @@ class GridPuzzleBuilder(DiskDatasetBuilder):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
         if self.MAX_NUM_AUG is None:
-            if isinstance(num_aug, bool) or not isinstance(num_aug, int) or num_aug < 0:
-                raise ValueError(f"num_aug must be an integer >= 0, got {num_aug!r}")
+            require_int("num_aug", num_aug, 0)
         elif isinstance(num_aug, bool) or not isinstance(num_aug, int) or not 0 <= num_aug <= self.MAX_NUM_AUG:
             raise ValueError(
                 f"num_aug must be an integer in 0..{self.MAX_NUM_AUG} (the distinct non-identity symmetries), got {num_aug!r}"
