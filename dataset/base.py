@@ -1,45 +1,111 @@
-"""Shared pieces for datasets: a build-once-on-disk builder and a dict-of-tensors dataset.
+"""Dataset builders: the common base and the build-once-and-swap builder.
 
-A dataset directory is either absent or complete: it is built in a temporary sibling directory,
-the ``COMPLETE`` marker (a JSON summary) is written last, and the directory is then renamed into
-place. Readers therefore only ever have to check for the marker.
+Every dataset on disk is written by a `DatasetBuilder`: a root directory, the JSON-able parameters that
+define its content (`params()`, hashed by `params_hash()`), and a `FileLock` held for as long as a
+process builds, which is also how other processes tell whether a builder is alive (`is_building()`).
+There are two kinds:
+
+* `DiskDatasetBuilder` (below): the whole directory at once. It is built in a temporary sibling
+  directory, the `COMPLETE` marker (a JSON summary) is written last, and the directory is then renamed
+  into place, so a directory is either absent or complete and readers only check for the marker.
+  Sudoku, Maze, ARC and modular arithmetic.
+* `dataset.streaming.shards.StreamingDatasetBuilder`: shard files one by one plus a manifest, so that
+  training can start on the first shards; resumable after any kill. The vision-unified data.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
-import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-import torch
-from torch.utils.data import Dataset
+from utils.storage.locks import FileLock, LockHolder, is_locked, lock_holder
 
 log = logging.getLogger(__name__)
 
 BUILD_HINT = "build it with `python train.py --dataset-only` (add `--rebuild-dataset` to force a rebuild)"
 
 
-class DiskDatasetBuilder(abc.ABC):
+def require_int(key: str, value: Any, minimum: int) -> int:
+    """`value` when it is an integer >= `minimum` (a bool is not), else ValueError naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def params_digest(params: Mapping[str, Any]) -> str:
+    """sha256 of the parameters as sorted JSON: the same values give the same digest on every machine."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+class DatasetBuilder(abc.ABC):
+    """A dataset directory `root`, the parameters that define it, and the lock of whoever builds it."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    @property
+    @abc.abstractmethod
+    def lock_path(self) -> Path:
+        """The file a building process holds `flock`-ed (never deleted)."""
+
+    @abc.abstractmethod
+    def params(self) -> dict[str, Any]:
+        """JSON-able parameters that define the dataset's content."""
+
+    @abc.abstractmethod
+    def is_complete(self) -> bool:
+        """Whether the dataset on disk is finished."""
+
+    @abc.abstractmethod
+    def build(self, rebuild: bool = False) -> dict[str, Any]:
+        """Build what is missing (everything with `rebuild`); return a summary of the dataset."""
+
+    def params_hash(self) -> str:
+        return params_digest(self.params())
+
+    def lock(self) -> FileLock:
+        """A new handle on the build lock (`with builder.lock():` waits for it)."""
+        return FileLock(self.lock_path)
+
+    def is_building(self) -> bool:
+        """Whether some process (this one included) holds the build lock right now."""
+        return is_locked(self.lock_path)
+
+    def holder(self) -> LockHolder | None:
+        """Who holds (or last held) the build lock, for messages."""
+        return lock_holder(self.lock_path)
+
+
+class DiskDatasetBuilder(DatasetBuilder):
     """Builds a dataset directory exactly once, safely across concurrent processes.
 
-    Subclasses implement :meth:`_build`, which writes the dataset files into a fresh directory
-    and returns a JSON-serialisable summary (counts, sizes). That summary is stored in the
-    ``COMPLETE`` marker and returned by :meth:`build` on later calls without rebuilding.
+    Subclasses implement `_build`, which writes the dataset files into a fresh directory and returns a
+    JSON-serialisable summary (counts, sizes). That summary is stored in the `COMPLETE` marker and
+    returned by `build` on later calls without rebuilding. Subclasses that name their directory after
+    their parameters implement `dir_name` and are made with `for_data_root(data_root, **params)`.
     """
 
     MARKER_NAME = "COMPLETE"
 
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
+    @classmethod
+    def for_data_root(cls, data_root: Path | str, **params: Any) -> Self:
+        """The builder for `params`, in the directory of `data_root` named after them (`dir_name`)."""
+        builder = cls(Path(data_root), **params)  # the constructor validates the parameters
+        builder.root = Path(data_root) / builder.dir_name()
+        return builder
+
+    def dir_name(self) -> str:
+        """Directory name under the data root: readable, and different for every content."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its directory: pass its root explicitly")
 
     # ----------------------------------------------------------------------------------- paths
     @property
@@ -57,7 +123,7 @@ class DiskDatasetBuilder(abc.ABC):
     # ------------------------------------------------------------------------------- interface
     @abc.abstractmethod
     def _build(self, tmp_dir: Path) -> dict:
-        """Write the dataset files into ``tmp_dir`` (which exists and is empty); return a summary."""
+        """Write the dataset files into `tmp_dir` (which exists and is empty); return a summary."""
 
     def is_complete(self) -> bool:
         return self.marker_path.is_file()
@@ -78,15 +144,15 @@ class DiskDatasetBuilder(abc.ABC):
     def build(self, rebuild: bool = False) -> dict:
         """Build the dataset unless it is already complete; return its summary.
 
-        Concurrent callers (torchrun ranks, several jobs sharing a data root) serialise on an
-        exclusive lock; whoever gets it second finds the dataset complete and just returns.
+        Concurrent callers (torchrun ranks, several jobs sharing a data root) serialise on the build
+        lock; whoever gets it second finds the dataset complete and just returns.
         """
         if not rebuild and self.is_complete():
             return self.read_summary()
 
         self.root.parent.mkdir(parents=True, exist_ok=True)
         requested_ns = time.time_ns()
-        with self._exclusive_lock():
+        with self.lock():
             if self.is_complete():
                 if not rebuild:
                     log.info("Dataset at %s was built by another process", self.root)
@@ -107,8 +173,8 @@ class DiskDatasetBuilder(abc.ABC):
     ) -> dict:
         """Block until another process has finished building; return the summary.
 
-        Raises TimeoutError after ``timeout_s`` seconds, or RuntimeError as soon as
-        ``is_builder_alive`` reports that the building process is gone.
+        Raises TimeoutError after `timeout_s` seconds, or RuntimeError as soon as `is_builder_alive`
+        reports that the building process is gone (e.g. `builder.is_building`, once it has started).
         """
         deadline = time.monotonic() + timeout_s
         while True:
@@ -131,19 +197,6 @@ class DiskDatasetBuilder(abc.ABC):
             time.sleep(min(poll_s, remaining))
 
     # ------------------------------------------------------------------------------- internals
-    @contextlib.contextmanager
-    def _exclusive_lock(self) -> Iterator[None]:
-        # The lock file is never deleted: unlinking it could let two processes lock different inodes.
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
     def _remove_stale_scratch(self) -> None:
         """Delete temp/old siblings left by a crashed builder (safe: we hold the lock)."""
         prefixes = tuple(self._scratch_prefix(kind) for kind in ("tmp", "old"))
@@ -192,52 +245,3 @@ class DiskDatasetBuilder(abc.ABC):
             raise
         if old_dir is not None:
             shutil.rmtree(old_dir, ignore_errors=True)
-
-
-class TensorDictDataset(Dataset):
-    """Map-style dataset over equally long tensors; items and batches are ``dict[str, Tensor]``."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        if not tensors:
-            raise ValueError("TensorDictDataset needs at least one tensor")
-        lengths = {name: len(t) for name, t in tensors.items()}
-        if len(set(lengths.values())) != 1:
-            raise ValueError(f"all tensors must have the same length, got {lengths}")
-        self.tensors = dict(tensors)
-        self._length = next(iter(lengths.values()))
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {name: t[index] for name, t in self.tensors.items()}
-
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        # One fancy-indexing op per tensor instead of B __getitem__ calls plus a stack.
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {name: t[idx] for name, t in self.tensors.items()}
-
-
-def collate_tensor_dicts(
-    batch: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
-) -> dict[str, torch.Tensor]:
-    """Collate for datasets with ``__getitems__``: pass a ready batch through, stack a list of items."""
-    if isinstance(batch, Mapping):
-        return dict(batch)
-    if isinstance(batch, Sequence) and batch and all(isinstance(item, Mapping) for item in batch):
-        keys = batch[0].keys()
-        return {k: torch.stack([torch.as_tensor(item[k]) for item in batch]) for k in keys}
-    raise TypeError(
-        f"expected a dict of tensors or a non-empty list of such dicts, got {type(batch).__name__}"
-    )
-
-
-def describe_tensors(tensors: Mapping[str, Any]) -> str:
-    """Short ``name: dtype[shape]`` listing, for error messages."""
-    parts = []
-    for name, value in tensors.items():
-        if isinstance(value, torch.Tensor):
-            parts.append(f"{name}: {str(value.dtype).removeprefix('torch.')}{list(value.shape)}")
-        else:
-            parts.append(f"{name}: {type(value).__name__}")
-    return "{" + ", ".join(parts) + "}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from utils.config.store import register_configs
+from utils.distributed import DistInfo
 
 register_configs()  # the typed schemas, as pretrain.py registers them
 
@@ -53,6 +55,11 @@ TINY_TRAINER_OVERRIDES: tuple[str, ...] = (
 
 # Environment variables utils.distributed.init_distributed reads to join a process group.
 _DIST_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def trainer_stand_in(run_dir: Path, rank: int = 0, world_size: int = 1) -> SimpleNamespace:
+    """What a callback's hooks read of the Trainer here (run_dir, dist), for components tested on their own."""
+    return SimpleNamespace(run_dir=Path(run_dir), dist=DistInfo(rank=rank, world_size=world_size))
 
 
 def compose_config(*overrides: str) -> DictConfig:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from dataset.reasoning.arc import (
     unaugment_grid,
 )
 from dataset.reasoning.puzzles import IGNORE_LABEL, check_split, load_split
-from tests.conftest import compose_config
+from tests.conftest import compose_config, trainer_stand_in
 from dataset.reasoning.arc_evaluator import ArcEvaluator
 from utils.config.validation import validate_config
 
@@ -381,11 +380,12 @@ def _feed(ev: ArcEvaluator, rows: dict[str, torch.Tensor], logits: torch.Tensor,
 def test_evaluator_oracle_scores_one_and_writes_the_solutions(small_arc: ArcData, tmp_path: Path) -> None:
     rows = _val_rows(small_arc)
     facts = small_arc.model_kwargs()
-    ev = ArcEvaluator(arc_tasks_path=facts["arc_tasks_path"], run_dir=str(tmp_path))
+    ev = ArcEvaluator(arc_tasks_path=facts["arc_tasks_path"])
     _feed(ev, rows, _one_hot(rows["labels"]))
     ev.sync()
     metrics = ev.compute()
     assert metrics == {"arc_pass@1": 1.0, "arc_pass@2": 1.0, "arc_num_tasks": 5.0, "arc_coverage": 1.0}
+    ev.on_validation_end(trainer_stand_in(tmp_path), metrics)  # rank 0 writes <run_dir>/submission.json
     submission = json.loads((tmp_path / "submission.json").read_text())
     solutions = _load("evaluation", "solutions")
     assert list(submission) == _first_ids("evaluation")
@@ -445,9 +445,10 @@ def test_evaluator_votes_rank_by_count_then_confidence(small_arc: ArcData, tmp_p
             q[i] = 3.0 if aug < 2 else 0.5
             wrong[task, test] = w2
     keep = rows["task_index"] != e_task  # task E gets no prediction at all
-    ev = ArcEvaluator(arc_tasks_path=tasks_path, run_dir=str(tmp_path / "run"))
+    ev = ArcEvaluator(arc_tasks_path=tasks_path)
     _feed(ev, {k: v[keep] for k, v in rows.items()}, _one_hot(preds[keep]), q[keep])
     metrics = ev.compute()
+    ev.write_submission(tmp_path / "run" / "submission.json")
     # pass@1: only C; pass@2: A, C, D. E is scored (it is an evaluation task) and fails.
     assert metrics["arc_pass@1"] == pytest.approx(1 / 5)
     assert metrics["arc_pass@2"] == pytest.approx(3 / 5)
@@ -502,13 +503,15 @@ def _sync_worker(rank: int, init_file: str, rows: dict[str, torch.Tensor], logit
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        ev = ArcEvaluator(arc_tasks_path=tasks_path, run_dir=os.path.join(run_dir, str(rank)))
+        ev = ArcEvaluator(arc_tasks_path=tasks_path)
         # Rank r sees rows r, r+2, ... plus row 0 again (a sampler's padding duplicate).
         idx = torch.cat([torch.arange(rank, len(logits), 2), torch.tensor([0])])
         ev.update({"logits": logits[idx]}, {k: v[idx] for k, v in rows.items()})
         ev.sync()
         votes = sum(len(v) for v in ev.votes.values())
-        queue.put((rank, (ev.compute(), votes)))
+        metrics = ev.compute()
+        ev.on_validation_end(trainer_stand_in(Path(run_dir) / str(rank), rank, world_size=2), metrics)
+        queue.put((rank, (metrics, votes)))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -564,8 +567,7 @@ def test_hydra_composed_data_module_and_evaluators(tmp_path: Path) -> None:
                      "arc_tasks_path": str(dm.root / "tasks.json")}
     assert Path(facts["arc_tasks_path"]).is_file()
     # Evaluators as the trainer builds them: facts the target accepts and the config leaves unset.
-    evaluators = {name: instantiate(node, **({"arc_tasks_path": facts["arc_tasks_path"], "run_dir": str(tmp_path)}
-                                              if name == "arc" else {}))
+    evaluators = {name: instantiate(node, **({"arc_tasks_path": facts["arc_tasks_path"]} if name == "arc" else {}))
                   for name, node in cfg.evaluators.items()}
     assert set(evaluators) == {"exact_acc", "token_acc", "arc"}
     batch = dm.collate_fn(dm.val_dataset.__getitems__(list(range(len(dm.val_dataset)))))
@@ -578,6 +580,7 @@ def test_hydra_composed_data_module_and_evaluators(tmp_path: Path) -> None:
         metrics.update(ev.compute())
     assert metrics == {"exact_acc": 1.0, "token_acc": 1.0, "arc_pass@1": 1.0, "arc_pass@2": 1.0,
                        "arc_num_tasks": 2.0, "arc_coverage": 1.0}
+    evaluators["arc"].on_validation_end(trainer_stand_in(tmp_path), metrics)
     assert (tmp_path / "submission.json").is_file()
 
 

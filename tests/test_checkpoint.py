@@ -19,14 +19,13 @@ from typing import Any
 import pytest
 import torch
 
+from utils.storage.atomic import atomic_write_bytes, atomic_write_text
 from utils.storage.checkpoint import (
     CheckpointError,
     CheckpointManager,
     assert_finite_state,
-    atomic_torch_save,
-    atomic_write_bytes,
-    atomic_write_text,
     load_checkpoint,
+    save_with_sidecar,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -150,10 +149,10 @@ def test_atomic_writes_replace_and_clean_up(tmp_path: Path) -> None:
     assert target.read_text() == "two"
 
     ckpt = tmp_path / "best.pt"
-    atomic_torch_save({"v": torch.ones(3)}, ckpt)
+    save_with_sidecar({"v": torch.ones(3)}, ckpt)
     before = ckpt.read_bytes()
     with pytest.raises(CheckpointError):
-        atomic_torch_save({"f": lambda: 0}, ckpt)  # refused before anything is written
+        save_with_sidecar({"f": lambda: 0}, ckpt)  # refused before anything is written
     with pytest.raises(TypeError):
         atomic_write_bytes(ckpt, "not bytes")  # type: ignore[arg-type]  # fails after the temp file exists
     assert ckpt.read_bytes() == before
@@ -276,7 +275,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
     assert str(evil) in str(err.value)
     assert not marker.exists()
 
-    # Even with a valid sidecar (anyone can write one) the manager refuses it. (atomic_torch_save itself refuses
+    # Even with a valid sidecar (anyone can write one) the manager refuses it. (save_with_sidecar itself refuses
     # to write such a state, so forge the sidecar by hand.)
     digest = hashlib.sha256(evil.read_bytes()).hexdigest()
     (tmp_path / "step_00000001.pt.sha256").write_text(f"{digest}  step_00000001.pt\n")

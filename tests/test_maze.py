@@ -14,7 +14,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from dataset.reasoning import maze as maze_module
+from dataset.reasoning import puzzles as puzzles_module
 from dataset.base import DiskDatasetBuilder
 from dataset.reasoning.maze import (
     MazeAugmentation,
@@ -216,13 +216,13 @@ SMALL = {"size": 9, "num_train": 40, "num_val": 20, "num_aug": 3, "seed": 0}
 
 def test_builder_writes_marker_last_and_setup_loads_the_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = MazeData(str(tmp_path), **SMALL)
-    real_save = maze_module.save_split
+    real_save = puzzles_module.save_split
 
     def save_and_check(path: Path, tensors: dict) -> None:
         assert not (path.parent / DiskDatasetBuilder.MARKER_NAME).exists() and not data.builder.is_complete()
         real_save(path, tensors)
 
-    monkeypatch.setattr(maze_module, "save_split", save_and_check)
+    monkeypatch.setattr(puzzles_module, "save_split", save_and_check)
     data.prepare_data()
     monkeypatch.undo()  # the rebuild below replaces a complete dataset
     marker = data.builder.marker_path

@@ -13,13 +13,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataset.base import DiskDatasetBuilder, collate_tensor_dicts
+from dataset.base import DiskDatasetBuilder
 from dataset.grokking.modular_arithmetic import (
     MalformedDatasetError,
     ModularArithmeticBuilder,
     ModularArithmeticData,
     make_equations,
 )
+from dataset.tensors import collate_tensor_dicts
 
 
 def _reference_answer(x: int, y: int, op: str, p: int) -> int:
@@ -180,6 +181,9 @@ class CountingBuilder(DiskDatasetBuilder):
         self.delay_s = delay_s
         self.fail = fail
         self.observed_during_build: dict = {}
+
+    def params(self) -> dict:
+        return {"files": 1}
 
     def _build(self, tmp_dir: Path) -> dict:
         with open(self.counter, "a") as f:

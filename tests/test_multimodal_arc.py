@@ -1,13 +1,15 @@
-"""ARC Prize scoring of the vision-unified ARC rows (dataset.reasoning.arc_evaluator.MultimodalArcEvaluator) on rows
+"""ARC Prize scoring of the vision-unified ARC rows (dataset.multimodal.arc_evaluator.MultimodalArcEvaluator) on rows
 built by the real streaming builder from ../shared/data/arc (those tests skip, with the reason, where it
 is absent): oracle predictions score 1 and reproduce the solutions in submission.json; wrong, ragged or
 unterminated predictions fail their test input; non-ARC rows are ignored. Plus the dataset side: the
-``task_index`` / ``test_index`` columns, ``arc_tasks.json``, the ``arc_tasks_path`` fact and the refusal
-of a directory written by the previous format.
+``task_index`` / ``test_index`` columns, ``arc_tasks.json``, the ``arc_tasks_path`` fact, the evaluator
+as a callback writing ``submission.json`` at the end of a validation and the refusal of a directory written
+by the previous format.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -16,24 +18,17 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dataset.streaming import (
-    BYTE_OFFSET,
-    EOS_TOKEN,
-    PAD_TOKEN,
-    VOCAB_SIZE,
-    DatasetMismatchError,
-    params_hash,
-    read_manifest,
-)
-from dataset.multimodal.streaming_data import StreamingData
+from dataset.base import params_digest
+from dataset.multimodal.arc_evaluator import MultimodalArcEvaluator, decode_byte_grid, parse_grid_bytes
+from dataset.multimodal.data_module import VisionUnifiedData
+from dataset.multimodal.tokens import BYTE_OFFSET, EOS_TOKEN, PAD_TOKEN, VOCAB_SIZE
+from dataset.streaming.manifest import DatasetMismatchError, read_manifest
 from tests.cli_helpers import REPO_ROOT
-from dataset.reasoning.arc_evaluator import (
-    MultimodalArcEvaluator,
-    decode_byte_grid,
-    parse_grid_bytes,
-)
+from tests.conftest import trainer_stand_in
+from utils.training.callbacks import Callback
 
 ARC_DIR = REPO_ROOT.parent / "shared" / "data" / "arc"
 NUM_TASKS = 56  # the first 56 training tasks (sorted ids) include tasks with 2 and with 3 test inputs
@@ -41,12 +36,12 @@ NOT_A_TASK = 10**6
 
 
 @pytest.fixture(scope="module")
-def arc_data(tmp_path_factory: pytest.TempPathFactory) -> StreamingData:
+def arc_data(tmp_path_factory: pytest.TempPathFactory) -> VisionUnifiedData:
     if not (ARC_DIR / "arc-agi_training_challenges.json").is_file():
         reason = f"no ARC files in {ARC_DIR}"
         print(f"SKIP: {reason}")
         pytest.skip(reason)
-    data = StreamingData(
+    data = VisionUnifiedData(
         str(tmp_path_factory.mktemp("data")), name="arc", arc_dir=str(ARC_DIR), arc_max_tasks=NUM_TASKS,
         generate_stories=0, code_dirs=[], target_len=1000, val_every=2, examples_per_batch=32, batches_per_consolidated=4,
     )
@@ -55,7 +50,7 @@ def arc_data(tmp_path_factory: pytest.TempPathFactory) -> StreamingData:
     return data
 
 
-def all_rows(data: StreamingData) -> dict[str, torch.Tensor]:
+def all_rows(data: VisionUnifiedData) -> dict[str, torch.Tensor]:
     """Every row of every consolidated file (train and held out), without ``is_val``: all test inputs."""
     manifest = read_manifest(data.root)
     assert manifest is not None and manifest["complete"]
@@ -63,7 +58,7 @@ def all_rows(data: StreamingData) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "is_val"}
 
 
-def tasks_of(data: StreamingData) -> list[dict[str, Any]]:
+def tasks_of(data: VisionUnifiedData) -> list[dict[str, Any]]:
     return json.loads(Path(data.model_kwargs()["arc_tasks_path"]).read_text())["tasks"]
 
 
@@ -93,7 +88,7 @@ def oracle(rows: dict[str, torch.Tensor]) -> torch.Tensor:
     return rows["target"].clamp(min=PAD_TOKEN)  # -100 after EOS -> PAD: the argmax is the target
 
 
-def test_rows_carry_task_and_test_index(arc_data: StreamingData) -> None:
+def test_rows_carry_task_and_test_index(arc_data: VisionUnifiedData) -> None:
     rows, tasks = all_rows(arc_data), tasks_of(arc_data)
     sols = solutions()
     assert [t["id"] for t in tasks] == sorted(sols)[:NUM_TASKS]
@@ -112,11 +107,12 @@ def test_rows_carry_task_and_test_index(arc_data: StreamingData) -> None:
     assert held_out <= {i for i, t in enumerate(tasks) if t["eval"]}
 
 
-def test_oracle_predictions_score_one_and_write_the_solutions(arc_data: StreamingData, tmp_path: Path) -> None:
+def test_oracle_predictions_score_one_and_write_the_solutions(arc_data: VisionUnifiedData, tmp_path: Path) -> None:
     rows = all_rows(arc_data)
-    ev = MultimodalArcEvaluator(arc_tasks_path=arc_data.model_kwargs()["arc_tasks_path"], run_dir=str(tmp_path))
+    ev = MultimodalArcEvaluator(arc_tasks_path=arc_data.model_kwargs()["arc_tasks_path"])
     result = score(rows, oracle(rows), ev)
     assert result == {"arc_pass@1": 1.0, "arc_pass@2": 1.0, "arc_num_tasks": float(NUM_TASKS), "arc_coverage": 1.0}
+    ev.write_submission(tmp_path / "submission.json")
     sols = solutions()
     expected = {
         task_id: [{"attempt_1": grid, "attempt_2": grid} for grid in sols[task_id]] for task_id in sorted(sols)[:NUM_TASKS]
@@ -139,7 +135,7 @@ def test_oracle_predictions_score_one_and_write_the_solutions(arc_data: Streamin
                    "arc_num_tasks": NUM_TASKS - 1, "arc_coverage": pytest.approx((total - 1) / total)}
 
 
-def test_wrong_ragged_and_unterminated_predictions_fail(arc_data: StreamingData, tmp_path: Path) -> None:
+def test_wrong_ragged_and_unterminated_predictions_fail(arc_data: VisionUnifiedData, tmp_path: Path) -> None:
     rows, tasks = all_rows(arc_data), tasks_of(arc_data)
     pred = oracle(rows).clone()
     length = pred.shape[1]
@@ -172,8 +168,9 @@ def test_wrong_ragged_and_unterminated_predictions_fail(arc_data: StreamingData,
     }
     mixed = {k: torch.cat([v, extra[k]]) for k, v in rows.items()}
     mixed_pred = torch.cat([pred, torch.stack([tokens(b"9", length)] * n)])
-    ev = MultimodalArcEvaluator(arc_tasks_path=arc_data.model_kwargs()["arc_tasks_path"], run_dir=str(tmp_path))
+    ev = MultimodalArcEvaluator(arc_tasks_path=arc_data.model_kwargs()["arc_tasks_path"])
     result = score(mixed, mixed_pred, ev)
+    ev.write_submission(tmp_path / "submission.json")
     expected = (NUM_TASKS - 1 - 1 - 1 / 2 - 1 / 3) / NUM_TASKS
     assert result["arc_pass@1"] == pytest.approx(expected) and result["arc_pass@2"] == pytest.approx(expected)
     assert result["arc_num_tasks"] == NUM_TASKS and result["arc_coverage"] == 1.0
@@ -194,13 +191,14 @@ def test_wrong_ragged_and_unterminated_predictions_fail(arc_data: StreamingData,
 
 
 def test_no_arc_rows_gives_nan_and_writes_nothing(tmp_path: Path) -> None:
-    ev = MultimodalArcEvaluator(run_dir=str(tmp_path))
+    ev = MultimodalArcEvaluator()
     batch = {"target": torch.stack([tokens(b"01\n23", 8)] * 2), "source": torch.tensor([1, 2]),
              "task_index": torch.tensor([0, -1]), "test_index": torch.tensor([0, -1])}
     ev.update({"logits": F.one_hot(batch["target"], VOCAB_SIZE).float()}, batch)
     ev.sync()
     result = ev.compute()
     assert math.isnan(result["arc_pass@1"]) and math.isnan(result["arc_pass@2"]) and result["arc_num_tasks"] == 0.0
+    ev.on_validation_end(trainer_stand_in(tmp_path), result)
     assert not (tmp_path / "submission.json").exists()
     with pytest.raises(KeyError, match="task_index"):  # a dataset of the previous format
         ev.update({"logits": torch.zeros(1, 8, VOCAB_SIZE)}, {"target": batch["target"][:1], "source": torch.tensor([0])})
@@ -217,26 +215,39 @@ def test_grid_decoding() -> None:
     assert decode_byte_grid(row) is None  # PAD is not a byte
 
 
-def test_trainer_passes_the_task_list_and_run_dir(arc_data: StreamingData, tmp_path: Path) -> None:
-    from utils.training.trainer import _instantiate_with_facts
-
+def test_the_evaluator_gets_the_task_list_and_writes_the_submission_at_validation_end(
+    arc_data: VisionUnifiedData, tmp_path: Path
+) -> None:
     node = OmegaConf.load(REPO_ROOT / "conf" / "evaluators" / "multimodal" / "default.yaml")
-    assert "arc_exact" in node and node.arc._target_ == "dataset.reasoning.arc_evaluator.MultimodalArcEvaluator"
-    facts = {**arc_data.model_kwargs(), "run_dir": str(tmp_path)}
-    ev = _instantiate_with_facts(node.arc, facts)
-    assert isinstance(ev, MultimodalArcEvaluator)
-    assert ev.arc_tasks_path == str(arc_data.root / "arc_tasks.json") and ev.run_dir == str(tmp_path)
+    assert "arc_exact" in node and node.arc._target_ == "dataset.multimodal.arc_evaluator.MultimodalArcEvaluator"
+    ev = instantiate(node.arc, arc_tasks_path=arc_data.model_kwargs()["arc_tasks_path"])  # the data fact
+    assert isinstance(ev, MultimodalArcEvaluator) and isinstance(ev, Callback)
+    assert ev.arc_tasks_path == str(arc_data.root / "arc_tasks.json")
+    assert "run_dir" not in inspect.signature(MultimodalArcEvaluator).parameters  # no longer smuggled in as a fact
+
+    rows = all_rows(arc_data)
+    metrics = score(rows, oracle(rows), ev)
+    others = tmp_path / "rank1"
+    ev.on_validation_end(trainer_stand_in(others, rank=1, world_size=2), metrics)
+    assert not others.exists()  # only rank 0 writes
+    ev.on_validation_end(trainer_stand_in(tmp_path), metrics)
+    sub = json.loads((tmp_path / "submission.json").read_text())
+    assert len(sub) == NUM_TASKS and sub == ev.submission
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.json"]  # written atomically: no temp file left
+    ev.reset()  # the next evaluation scores no ARC rows: the file of the last one stays as it was
+    ev.on_validation_end(trainer_stand_in(tmp_path), ev.compute())
+    assert json.loads((tmp_path / "submission.json").read_text()) == sub
 
 
 def test_a_dataset_of_the_previous_format_is_refused(tmp_path: Path) -> None:
     kwargs = {"generate_stories": 2, "stories_per_file": 2, "code_dirs": [], "target_len": 16, "examples_per_batch": 4,
               "batches_per_consolidated": 2, "max_examples": 8, "val_every": 2}
-    data = StreamingData(str(tmp_path), name="vu", **kwargs)
+    data = VisionUnifiedData(str(tmp_path), name="vu", **kwargs)
     data.prepare_data(incremental=False)
     manifest = read_manifest(data.root)
     assert manifest is not None and manifest["format"] == 2 and "arc_tasks_path" not in data.model_kwargs()
     old = {**manifest["params"], "format": 1}
-    manifest.update(format=1, params=old, params_hash=params_hash(old))  # as format 1 wrote it
+    manifest.update(format=1, params=old, params_hash=params_digest(old))  # as format 1 wrote it
     (data.root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DatasetMismatchError, match=r"differing: format\).*--rebuild-dataset"):
-        StreamingData(str(tmp_path), name="vu", **kwargs).prepare_data()
+        VisionUnifiedData(str(tmp_path), name="vu", **kwargs).prepare_data()

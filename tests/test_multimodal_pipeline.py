@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from dataset.streaming import builder_alive, builder_pid, read_manifest
+from dataset.streaming.manifest import LOCK_FILE, read_manifest
 from tests.cli_helpers import CPU, finish, load, read_metrics, run, start, wait_for
+from utils.storage.locks import is_locked, lock_holder
 
 
 @pytest.fixture
@@ -42,9 +43,9 @@ def small_args(tmp_path: Path, code_dir: Path) -> list[str]:
 
 
 def stop_builder(root: Path) -> None:
-    pid = builder_pid(root)
-    if pid is not None and builder_alive(root):
-        os.kill(pid, signal.SIGTERM)
+    holder = lock_holder(root / LOCK_FILE)
+    if holder is not None and is_locked(root / LOCK_FILE):
+        os.kill(holder.pid, signal.SIGTERM)
 
 
 def epoch_file_counts(output: str) -> list[int]:
@@ -106,8 +107,8 @@ def test_builder_that_died_stops_training_with_a_clear_error(tmp_path, code_dir)
     root = tmp_path / "data" / "vision_unified_tiny"
     proc = start("train.py", *args)
     try:
-        wait_for(lambda: builder_alive(root), timeout=60, what="the background builder", proc=proc)
-        os.kill(builder_pid(root), signal.SIGKILL)
+        wait_for(lambda: is_locked(root / LOCK_FILE), timeout=60, what="the background builder", proc=proc)
+        os.kill(lock_holder(root / LOCK_FILE).pid, signal.SIGKILL)  # type: ignore[union-attr]
         result = finish(proc, timeout=60)
         assert result.returncode != 0, result
         assert "builder" in result.output and "died" in result.output and "builder.log" in result.output, result

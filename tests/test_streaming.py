@@ -18,29 +18,24 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from dataset.streaming import (
-    EOS_TOKEN,
-    IGNORE_INDEX,
-    BuilderBusyError,
-    BuilderLock,
+from dataset.multimodal.data_module import VisionUnifiedData
+from dataset.multimodal.tokens import EOS_TOKEN, IGNORE_INDEX, decode_target, serialize_grid, target_tokens
+from dataset.multimodal.vision_unified import VisionUnifiedBuilder
+from dataset.streaming.manifest import (
+    LOCK_FILE,
     DatasetMismatchError,
     StreamingDatasetError,
-    VisionUnifiedBuilder,
-    builder_alive,
-    builder_pid,
     consolidated_name,
-    decode_target,
     read_manifest,
-    serialize_grid,
-    target_tokens,
 )
-from dataset.multimodal.streaming_data import StreamingData
+from dataset.streaming.shards import BuilderBusyError
 from dataset.multimodal.text_renderer import (
     ARC_GRAY_LEVELS,
     render_grid,
@@ -50,6 +45,7 @@ from dataset.multimodal.text_renderer import (
     wrap_text,
 )
 from tests.cli_helpers import ENV, REPO_ROOT
+from utils.storage.locks import FileLock, is_locked, lock_holder
 
 ARC_DIR = REPO_ROOT.parent / "shared" / "data" / "arc"
 
@@ -117,8 +113,9 @@ def assert_same_dataset(a: Path, b: Path) -> None:
 def start_builder(root: Path, kwargs: dict[str, Any], *extra: str) -> subprocess.Popen:
     config = json.dumps({"root": str(root), **kwargs})
     log = open(root.parent / f"{root.name}.out", "ab")  # noqa: SIM115 - closed with the process
+    builder = "dataset.multimodal.vision_unified.VisionUnifiedBuilder"
     return subprocess.Popen(
-        [sys.executable, "-m", "dataset.streaming", "build", "--config-json", config, *extra],
+        [sys.executable, "-m", "dataset.streaming", "build", "--builder", builder, "--config-json", config, *extra],
         cwd=REPO_ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
     )
 
@@ -255,13 +252,13 @@ def test_builder_lock_and_resume_in_steps(code_dir: Path, tmp_path: Path) -> Non
     ref = tmp_path / "ref"
     VisionUnifiedBuilder(ref, **tiny(code_dir)).build()
     root = tmp_path / "steps"
-    lock = BuilderLock(root)
-    assert lock.acquire()
-    assert builder_alive(root) and builder_pid(root) == os.getpid()
-    with pytest.raises(BuilderBusyError, match="another dataset builder"):
+    lock = FileLock(root / LOCK_FILE)
+    assert lock.acquire(blocking=False)
+    assert is_locked(root / LOCK_FILE) and lock_holder(root / LOCK_FILE).pid == os.getpid()  # type: ignore[union-attr]
+    with pytest.raises(BuilderBusyError, match=rf"another dataset builder \(pid {os.getpid()} on .*builder\.log"):
         VisionUnifiedBuilder(root, **tiny(code_dir)).build()
     lock.release()
-    assert not builder_alive(root)
+    assert not VisionUnifiedBuilder(root, **tiny(code_dir)).is_building()
     for stop in (2, 4, 7, None):  # stop mid-group and at group boundaries, then finish
         manifest = VisionUnifiedBuilder(root, **tiny(code_dir)).build(stop_after_batches=stop)
         check_consistent(root)
@@ -352,20 +349,20 @@ def test_signal_stops_after_the_current_file(sig: int, code: int, code_dir: Path
 # ------------------------------------------------------------------------------------- data module
 def test_prepare_data_waits_for_the_first_consolidated_file_only(code_dir: Path, tmp_path: Path) -> None:
     kwargs = tiny(code_dir, max_examples=36, throttle_s=0.3)  # 9 batch files, 3 consolidated, >= 2.7 s
-    data = StreamingData(str(tmp_path), name="vu", poll_s=0.1, log_every_s=0.5, **kwargs)
-    assert not builder_alive(data.root)
+    data = VisionUnifiedData(str(tmp_path), name="vu", poll_s=0.1, log_every_s=0.5, **kwargs)
+    assert not data.builder.is_building()
     start = time.monotonic()
     data.prepare_data()
     waited = time.monotonic() - start
     manifest = read_manifest(data.root)
     assert manifest is not None and len(manifest["consolidated"]) >= 1
     assert not manifest["complete"], "prepare_data should return before the build completes"
-    assert builder_alive(data.root)
+    assert data.builder.is_building()
     data.setup()
     first_rows = len(data.train_dataset)
     assert len(data.val_dataset) > 0 and set(data.train_dataset[0]) == {"images", "target", "source", "task_index", "test_index"}
     data.refresh(0)
-    wait_for(lambda: not builder_alive(data.root), timeout=90, what="the background builder to finish")
+    wait_for(lambda: not data.builder.is_building(), timeout=90, what="the background builder to finish")
     assert read_manifest(data.root)["complete"]  # type: ignore[index]
     assert data.refresh(1) and len(data.train_dataset) > first_rows
     assert data.state_dict()["num_consolidated"] == 3
@@ -374,7 +371,7 @@ def test_prepare_data_waits_for_the_first_consolidated_file_only(code_dir: Path,
 
 
 def test_prepare_data_raises_when_the_builder_dies(code_dir: Path, tmp_path: Path) -> None:
-    data = StreamingData(str(tmp_path), name="vu", poll_s=0.1, **tiny(code_dir, throttle_s=5.0))
+    data = VisionUnifiedData(str(tmp_path), name="vu", poll_s=0.1, **tiny(code_dir, throttle_s=5.0))
     errors: list[BaseException] = []
     finished = threading.Event()
 
@@ -387,9 +384,10 @@ def test_prepare_data_raises_when_the_builder_dies(code_dir: Path, tmp_path: Pat
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    wait_for(lambda: builder_alive(data.root), what="the builder to take its lock")
-    pid = builder_pid(data.root)
-    assert pid is not None and pid != os.getpid()
+    wait_for(lambda: data.builder.is_building(), what="the builder to take its lock")
+    holder = data.builder.holder()
+    assert holder is not None and holder.pid != os.getpid()
+    pid = holder.pid
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
     assert finished.wait(15), "prepare_data kept waiting for a dead builder"
@@ -400,13 +398,44 @@ def test_prepare_data_raises_when_the_builder_dies(code_dir: Path, tmp_path: Pat
     assert not (data.root / consolidated_name(0)).exists()
 
 
+def test_a_builder_that_fails_before_building_gives_the_same_message(code_dir: Path, tmp_path: Path) -> None:
+    data = VisionUnifiedData(str(tmp_path), name="vu", poll_s=0.1, **tiny(code_dir))
+    for path in sorted(code_dir.rglob("*"), reverse=True):  # the background builder will not find its source
+        path.rmdir() if path.is_dir() else path.unlink()
+    code_dir.rmdir()
+    with pytest.raises(RuntimeError) as err:
+        data.prepare_data()
+    message = str(err.value)
+    assert "died before it started building" in message and "(exit code 1)" in message
+    assert str(data.root / "builder.log") in message and "rerun" in message
+    assert "is not a directory" in message  # the end of builder.log says why
+
+
+def test_epoch_start_hook_reloads_the_loader_only_when_the_train_set_changes(code_dir: Path, tmp_path: Path) -> None:
+    kwargs = tiny(code_dir)
+    VisionUnifiedBuilder(tmp_path / "vu", **kwargs).build(stop_after_batches=3)  # consolidated_000 only
+    data = VisionUnifiedData(str(tmp_path), name="vu", **kwargs)
+    data.setup()
+    first_rows = len(data.train_dataset)
+    VisionUnifiedBuilder(tmp_path / "vu", **kwargs).build()  # five files now
+    reloads: list[int] = []
+    trainer = SimpleNamespace(state=SimpleNamespace(epoch=0, step=0))
+    trainer.reload_train_data = lambda: reloads.append(trainer.state.epoch)
+    data.on_train_epoch_start(trainer)
+    assert reloads == [0] and len(data.train_dataset) > first_rows
+    data.on_train_epoch_start(trainer)  # the same epoch again (a resume): the recorded count, no reload
+    trainer.state.epoch = 1
+    data.on_train_epoch_start(trainer)  # nothing new since
+    assert reloads == [0] and data.state_dict()["epoch"] == 1 and data.state_dict()["num_consolidated"] == 5
+
+
 def test_refresh_is_deterministic_and_resumes_the_recorded_count(code_dir: Path, tmp_path: Path) -> None:
     kwargs = tiny(code_dir)
     root = tmp_path / "vu"
     VisionUnifiedBuilder(root, **kwargs).build(stop_after_batches=3)  # consolidated_000 only
-    data = StreamingData(str(tmp_path), name="vu", **kwargs)
+    data = VisionUnifiedData(str(tmp_path), name="vu", **kwargs)
     VisionUnifiedBuilder(root, **kwargs).build()  # the builder finished while epoch 0 was being planned
-    data2 = StreamingData(str(tmp_path), name="vu", **kwargs)
+    data2 = VisionUnifiedData(str(tmp_path), name="vu", **kwargs)
 
     # epoch 0 fixed at one file (rank 0 said so through sync), although five exist now
     data.setup()
@@ -446,11 +475,11 @@ def test_refresh_is_deterministic_and_resumes_the_recorded_count(code_dir: Path,
 
 def test_setup_rejects_malformed_files_and_mismatched_config(code_dir: Path, tmp_path: Path) -> None:
     kwargs = tiny(code_dir)
-    data = StreamingData(str(tmp_path), name="vu", **kwargs)
+    data = VisionUnifiedData(str(tmp_path), name="vu", **kwargs)
     data.prepare_data(incremental=False)  # foreground build
     assert read_manifest(data.root)["complete"]  # type: ignore[index]
     with pytest.raises(DatasetMismatchError, match="--rebuild-dataset"):
-        StreamingData(str(tmp_path), name="vu", **tiny(code_dir, target_len=32)).prepare_data()
+        VisionUnifiedData(str(tmp_path), name="vu", **tiny(code_dir, target_len=32)).prepare_data()
     path = data.root / consolidated_name(1)
     good = torch.load(path, weights_only=True)
     torch.save({**good, "target": good["target"][:, :5]}, path)
@@ -488,7 +517,7 @@ def test_pre_encode_with_a_frozen_encoder(code_dir: Path, tmp_path: Path) -> Non
         "encoder_checkpoint": str(ckpt),
         "encoder_state_prefix": "vision.",
     }
-    data = StreamingData(str(tmp_path), name="pre", pre_encode=pre, **tiny(code_dir, max_examples=12))
+    data = VisionUnifiedData(str(tmp_path), name="pre", pre_encode=pre, **tiny(code_dir, max_examples=12))
     data.prepare_data(incremental=False)
     data.setup()
     batch = data.collate_fn(data.train_dataset.__getitems__([0, 1]))
@@ -566,7 +595,7 @@ def test_train_py_dataset_only_and_rebuild(code_dir: Path, tmp_path: Path) -> No
     assert first.returncode == 0, first.stdout
     manifest = read_manifest(root)
     assert manifest is not None and manifest["complete"] and len(manifest["consolidated"]) == 3  # 8 batches: 3+3+2
-    assert not builder_alive(root) and "--dataset-only: dataset ready" in first.stdout
+    assert not is_locked(root / LOCK_FILE) and "--dataset-only: dataset ready" in first.stdout
     before = load_all(root)
     (root / "marker").write_text("from the first build")
     again = train_py("--dataset-only", "--rebuild-dataset")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dataset.reasoning import sudoku as sudoku_module
+from dataset.reasoning import puzzles as puzzles_module
 from dataset.base import DiskDatasetBuilder
 from dataset.reasoning.sudoku import (
     SudokuAugmentation,
@@ -274,7 +274,7 @@ SMALL = {"size": 4, "num_train_puzzles": 60, "num_val_puzzles": 30, "givens": 5,
 def test_builder_writes_marker_last_and_setup_loads_the_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = SudokuData(str(tmp_path), **SMALL)
     saves = []
-    real_save = sudoku_module.save_split
+    real_save = puzzles_module.save_split
 
     def save_and_check(path: Path, tensors: dict) -> None:
         # While data files are written, neither the temporary nor the final directory has the marker.
@@ -283,7 +283,7 @@ def test_builder_writes_marker_last_and_setup_loads_the_splits(tmp_path: Path, m
         saves.append(path.name)
         real_save(path, tensors)
 
-    monkeypatch.setattr(sudoku_module, "save_split", save_and_check)
+    monkeypatch.setattr(puzzles_module, "save_split", save_and_check)
     data.prepare_data()
     assert saves == ["train.pt", "val.pt"]
     marker = data.builder.marker_path
@@ -385,7 +385,7 @@ def test_too_many_distinct_puzzles_fail_clearly(tmp_path: Path) -> None:
     builder = SudokuBuilder(tmp_path / "ds", size=4, num_train_puzzles=1, num_val_puzzles=1, givens=16, num_aug=0)
     # Complete 4x4 grids as "puzzles": only 288 exist.
     with pytest.raises(SudokuGenerationError, match=r"generated only \d+ distinct training 4x4 puzzles"):
-        builder._generate(300, random.Random(0), set(), "training")
+        builder.generate_distinct(300, random.Random(0), set(), "training")
 
 
 # ------------------------------------------------------------------------------------ evaluator

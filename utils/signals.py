@@ -1,7 +1,8 @@
 """Graceful shutdown on SIGINT / SIGTERM / SIGUSR1 / SIGUSR2.
 
 The first signal only sets a flag: the loop finishes the current step, saves a checkpoint and exits
-with EXIT_INTERRUPTED. A second SIGINT aborts at once (KeyboardInterrupt, exit 130) for a user who
+with EXIT_INTERRUPTED. (Dataset builders use the same handler on SIGTERM / SIGINT only: they finish the
+current file, then stop.) A second SIGINT aborts at once (KeyboardInterrupt, exit 130) for a user who
 really wants out. SIGUSR1 is what SLURM sends before a time limit (`--signal=USR1@90`); SIGUSR2 is
 what submitit (hydra/launcher=slurm) asks SLURM to send before a time limit or on pre-emption.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,14 @@ class GracefulShutdown:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        signals: Sequence[int] = SIGNALS,
+        action: str = "finishing the current step, then saving a checkpoint and exiting",
+    ) -> None:
+        """`signals`: the ones turned into the flag; `action`: what the poller does then (for the log line)."""
+        self.signals = tuple(signals)
+        self.action = action
         self.requested = False
         self.signal_name: str | None = None
         self.signum: int | None = None  # the first signal received (the one chain_previous passes on)
@@ -47,14 +56,14 @@ class GracefulShutdown:
             log.warning("Second SIGINT: aborting now without a final checkpoint.")
             raise KeyboardInterrupt
         if not self.requested:
-            log.warning("%s received: finishing the current step, then saving a checkpoint and exiting.", name)
+            log.warning("%s received: %s.", name, self.action)
         self.requested = True
         self.signal_name = self.signal_name or name
         self.signum = self.signum or signum
 
     def __enter__(self) -> "GracefulShutdown":
         if threading.current_thread() is threading.main_thread():  # signals can only be set from the main thread
-            for sig in self.SIGNALS:
+            for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
             self._before = dict(self._previous)
         return self

@@ -16,13 +16,8 @@ from typing import Any
 
 import torch
 
-from dataset.base import (
-    BUILD_HINT,
-    DiskDatasetBuilder,
-    TensorDictDataset,
-    collate_tensor_dicts,
-    describe_tensors,
-)
+from dataset.base import BUILD_HINT, DiskDatasetBuilder
+from dataset.tensors import TensorDictDataset, collate_tensor_dicts, describe_tensors
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +170,11 @@ class ModularArithmeticBuilder(DiskDatasetBuilder):
         self.train_fraction = float(train_fraction)
         self.split_seed = split_seed
 
-    @classmethod
-    def for_data_root(
-        cls, data_root: Path | str, p: int, operation: str, train_fraction: float, split_seed: int
-    ) -> ModularArithmeticBuilder:
-        validate_params(p, operation, train_fraction, split_seed)
-        root = Path(data_root) / dataset_dir_name(p, operation, train_fraction, split_seed)
-        return cls(root, p=p, operation=operation, train_fraction=train_fraction, split_seed=split_seed)
+    def params(self) -> dict[str, Any]:
+        return {"p": self.p, "operation": self.operation, "train_fraction": self.train_fraction, "split_seed": self.split_seed}
+
+    def dir_name(self) -> str:
+        return dataset_dir_name(self.p, self.operation, self.train_fraction, self.split_seed)
 
     def _build(self, tmp_dir: Path) -> dict:
         inputs, targets = make_equations(self.p, self.operation)
@@ -235,12 +228,9 @@ class ModularArithmeticData:
         train_fraction: float = 0.5,
         split_seed: int = 0,
     ) -> None:
-        validate_params(p, operation, train_fraction, split_seed)
-        self.p = p
-        self.operation = operation
-        self.train_fraction = float(train_fraction)
-        self.split_seed = split_seed
-        self.builder = ModularArithmeticBuilder.for_data_root(data_root, p, operation, train_fraction, split_seed)
+        self.builder = ModularArithmeticBuilder.for_data_root(
+            data_root, p=p, operation=operation, train_fraction=train_fraction, split_seed=split_seed
+        )
         self.train_dataset: TensorDictDataset | None = None
         self.val_dataset: TensorDictDataset | None = None
         self.collate_fn = collate_tensor_dicts
@@ -253,7 +243,8 @@ class ModularArithmeticData:
     def data_path(self) -> Path:
         return self.root / DATA_FILE
 
-    def prepare_data(self, rebuild: bool = False) -> None:
+    def prepare_data(self, rebuild: bool = False, incremental: bool = True) -> None:
+        """Build the table once (`incremental` does not apply: it is written in one go)."""
         self.builder.build(rebuild=rebuild)
 
     def setup(self) -> None:
@@ -263,7 +254,8 @@ class ModularArithmeticData:
         if not path.is_file():
             raise MalformedDatasetError(f"{path} is missing although {self.builder.marker_path} exists; {REBUILD_HINT}")
         data = load_data_file(path)
-        check_data(data, self.p, self.operation, self.train_fraction, path)
+        b = self.builder
+        check_data(data, b.p, b.operation, b.train_fraction, path)
         inputs, targets = data["inputs"], data["targets"]
         self.train_dataset = TensorDictDataset(
             {"inputs": inputs[data["train_idx"]], "target": targets[data["train_idx"]]}
@@ -273,5 +265,6 @@ class ModularArithmeticData:
             "Loaded %s: %d train / %d val equations", self.root, len(self.train_dataset), len(self.val_dataset)
         )
 
-    def model_kwargs(self) -> dict:
-        return {"vocab_size": self.p + 2, "seq_len": SEQ_LEN, "num_classes": self.p}
+    def model_kwargs(self) -> dict[str, Any]:
+        p = self.builder.p
+        return {"vocab_size": p + 2, "seq_len": SEQ_LEN, "num_classes": p}

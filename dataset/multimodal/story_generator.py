@@ -20,7 +20,7 @@ import random
 import shutil
 from pathlib import Path
 
-from utils.storage.checkpoint import atomic_write_text
+from utils.storage.atomic import atomic_write_text
 
 STORY_SEPARATOR = "<|endoftext|>"
 DONE_FILE = "DONE.json"

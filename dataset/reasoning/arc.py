@@ -36,14 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dataset.base import DiskDatasetBuilder
-from dataset.reasoning.puzzles import (
-    IGNORE_LABEL,
-    PuzzleData,
-    check_split,
-    load_split,
-    save_split,
-)
+from dataset.base import DiskDatasetBuilder, params_digest
+from dataset.reasoning.puzzles import IGNORE_LABEL, SPLIT_FILES, PuzzleData, write_split
 
 log = logging.getLogger(__name__)
 
@@ -419,46 +413,26 @@ class ArcBuilder(DiskDatasetBuilder):
         extra = [self.eval_subset] if self.eval_subset not in self.train_subsets else []
         return self.train_subsets + extra
 
-    @classmethod
-    def for_data_root(
-        cls,
-        data_root: Path | str,
-        arc_dir: Path | str,
-        train_subsets: Sequence[str] = ("training", "evaluation"),
-        eval_subset: str = "evaluation",
-        num_aug: int = 7,
-        max_tasks_per_subset: int | None = None,
-        seed: int = 0,
-    ) -> ArcBuilder:
-        """A builder whose directory name is derived from every parameter and the source files' content."""
-        arc_path, subsets_list, eval_name = _validate_params(
-            arc_dir, train_subsets, eval_subset, num_aug, max_tasks_per_subset, seed
-        )
-        subsets = subsets_list + ([eval_name] if eval_name not in subsets_list else [])
+    def params(self) -> dict[str, Any]:
         # Content hashes, not paths or mtimes: a copy of the same files elsewhere reuses the dataset,
         # an edited file never does.
-        sources = {p.name: file_sha256(p) for s in subsets for p in subset_files(arc_path, s)}
-        params = {
+        sources = {p.name: file_sha256(p) for s in self.subsets for p in subset_files(self.arc_dir, s)}
+        return {
             "format": FORMAT_VERSION,
-            "train_subsets": subsets_list,
-            "eval_subset": eval_name,
-            "num_aug": num_aug,
-            "max_tasks_per_subset": max_tasks_per_subset,
-            "seed": seed,
+            "train_subsets": self.train_subsets,
+            "eval_subset": self.eval_subset,
+            "num_aug": self.num_aug,
+            "max_tasks_per_subset": self.max_tasks_per_subset,
+            "seed": self.seed,
             "sources": sources,
         }
-        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-        limit = "all" if max_tasks_per_subset is None else f"max{max_tasks_per_subset}"
-        name = f"arc_{'+'.join(subsets_list) or 'none'}_eval-{eval_name}_aug{num_aug}_{limit}_s{seed}_{digest}"
-        return cls(
-            Path(data_root) / name,
-            arc_path,
-            train_subsets=subsets_list,
-            eval_subset=eval_name,
-            num_aug=num_aug,
-            max_tasks_per_subset=max_tasks_per_subset,
-            seed=seed,
-        )
+
+    def dir_name(self) -> str:
+        """Derived from every parameter and the source files' content."""
+        digest = params_digest(self.params())[:10]
+        limit = "all" if self.max_tasks_per_subset is None else f"max{self.max_tasks_per_subset}"
+        subsets = "+".join(self.train_subsets) or "none"
+        return f"arc_{subsets}_eval-{self.eval_subset}_aug{self.num_aug}_{limit}_s{self.seed}_{digest}"
 
     def load_tasks(self) -> list[ArcTask]:
         """All selected tasks in index order (subsets in order, ids sorted within a subset)."""
@@ -496,10 +470,9 @@ class ArcBuilder(DiskDatasetBuilder):
                 raise ArcFormatError(
                     f"the {split} split would be empty (subsets {self.subsets}, eval_subset {self.eval_subset!r})"
                 )
-            path = tmp_dir / f"{split}.pt"
             # One split at a time, freed before it is loaded back for checking: peak memory ~ one split.
-            save_split(path, self._encode_split(tasks, pairs, n_rows))
-            check_split(load_split(path), path, VOCAB_SIZE, SEQ_LEN, len(tasks) * n_aug + 1)
+            write_split(tmp_dir / SPLIT_FILES[split], self._encode_split(tasks, pairs, n_rows), VOCAB_SIZE, SEQ_LEN,
+                        len(tasks) * n_aug + 1)
             sizes[split] = n_rows
 
         task_list = {
@@ -602,7 +575,7 @@ class ArcData(PuzzleData):
         super().__init__()
         self.builder = ArcBuilder.for_data_root(
             data_root,
-            arc_dir,  # type: ignore[arg-type]  # None is rejected with a hint by the builder
+            arc_dir=arc_dir,  # None is rejected with a hint by the builder
             train_subsets=list(train_subsets) if not isinstance(train_subsets, str) else train_subsets,
             eval_subset=eval_subset,
             num_aug=num_aug,

@@ -16,24 +16,17 @@ Mazes read from a file must have a unique shortest path too. Path lengths are co
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import math
 import random
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from dataset.base import DiskDatasetBuilder
-from dataset.reasoning.puzzles import PuzzleData, check_split, load_split, save_split
-
-log = logging.getLogger(__name__)
+from dataset.reasoning.grid_builder import GridPuzzleBuilder
+from dataset.reasoning.puzzles import PuzzleData
 
 CHARS = "# SGo"
 PAD, WALL, OPEN, START, GOAL, PATH = 0, 1, 2, 3, 4, 5
@@ -336,75 +329,20 @@ class MazeAugmentation:
 
 
 # ------------------------------------------------------------------------------------ builder
-def _file_fingerprint(path: str | None) -> dict | None:
-    # Path, size and modification time: an edited file gets a new dataset directory without hashing it.
-    if path is None:
-        return None
-    p = Path(path).expanduser().resolve()
-    try:
-        st = p.stat()
-    except OSError as e:
-        raise FileNotFoundError(f"maze file {p} not found ({e})") from e
-    return {"path": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def validate_params(
-    size: Any, num_train: Any, num_val: Any, num_aug: Any, min_path_length: Any, seed: Any,
-    train_file: Any = None, val_file: Any = None,
-) -> int:
-    """Check the builder parameters, naming the offending key; returns the effective ``min_path_length``."""
-    validate_size(size, generated=train_file is None or val_file is None)
-    for key, value, file in (("num_train", num_train, train_file), ("num_val", num_val, val_file)):
-        if value is None and file is not None:
-            continue  # with a file, None means "every maze in it"
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    if isinstance(num_aug, bool) or not isinstance(num_aug, int) or not 0 <= num_aug <= NUM_DIHEDRAL - 1:
-        raise ValueError(
-            f"num_aug must be an integer in 0..{NUM_DIHEDRAL - 1} (the distinct non-identity symmetries), got {num_aug!r}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
-    if min_path_length is None:
-        min_path_length = size
-    if isinstance(min_path_length, bool) or not isinstance(min_path_length, int) or min_path_length < 1:
-        raise ValueError(f"min_path_length must be a positive integer (moves from S to G) or null, got {min_path_length!r}")
-    return min_path_length
-
-
-def dataset_dir_name(
-    size: int, num_train: int | None, num_val: int | None, num_aug: int, min_path_length: int, seed: int,
-    train_file: str | None = None, val_file: str | None = None,
-) -> str:
-    """Readable name plus a short hash of every parameter that changes the content (files included)."""
-    params = {
-        "version": FORMAT_VERSION,
-        "size": size,
-        "num_train": num_train,
-        "num_val": num_val,
-        "num_aug": num_aug,
-        "min_path_length": min_path_length,
-        "seed": seed,
-        "train_file": _file_fingerprint(train_file),
-        "val_file": _file_fingerprint(val_file),
-    }
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
-    source = "file" if train_file or val_file else f"p{min_path_length}"
-    return f"maze{size}_{source}_n{num_train}-{num_val}_aug{num_aug}_s{seed}_{digest}"
-
-
-def _key(tokens: np.ndarray) -> bytes:
-    # One byte per cell (tokens are < 6): keeps the set of training rows small.
-    return np.ascontiguousarray(tokens, dtype=np.uint8).tobytes()
-
-
-def _path_stats(labels: np.ndarray) -> dict[str, float]:
-    moves = (labels.reshape(len(labels), -1) == PATH).sum(axis=1) + 1
-    return {"min": int(moves.min()), "mean": round(float(moves.mean()), 3), "max": int(moves.max())}
-
-
-class MazeBuilder(DiskDatasetBuilder):
+class MazeBuilder(GridPuzzleBuilder):
     """Writes ``train.pt`` / ``val.pt`` (see the module docstring for the token layout)."""
+
+    NAME_PREFIX = "maze"
+    FORMAT_VERSION = FORMAT_VERSION
+    TITLE = "Maze"
+    ITEM = "maze"
+    FILE_KIND = "maze file"
+    FILE_TAG = "file"
+    COUNT_KEYS = ("num_train", "num_val")
+    FILE_KEYS = ("train_file", "val_file")
+    MAX_NUM_AUG = NUM_DIHEDRAL - 1
+    FILE_ERROR = MazeFileError
+    GENERATION_ERROR = MazeGenerationError
 
     def __init__(
         self,
@@ -418,58 +356,34 @@ class MazeBuilder(DiskDatasetBuilder):
         train_file: str | None = None,
         val_file: str | None = None,
     ) -> None:
-        self.min_path_length = validate_params(size, num_train, num_val, num_aug, min_path_length, seed, train_file, val_file)
-        super().__init__(root)
-        self.size = size
-        self.num_train = num_train
-        self.num_val = num_val
-        self.num_aug = num_aug
-        self.seed = seed
-        self.train_file = train_file
-        self.val_file = val_file
+        validate_size(size, generated=train_file is None or val_file is None)
+        super().__init__(root, size, num_train, num_val, num_aug, seed, train_file, val_file)
+        if min_path_length is None:
+            min_path_length = size
+        if isinstance(min_path_length, bool) or not isinstance(min_path_length, int) or min_path_length < 1:
+            raise ValueError(f"min_path_length must be a positive integer (moves from S to G) or null, got {min_path_length!r}")
+        self.min_path_length = min_path_length
 
-    @classmethod
-    def for_data_root(cls, data_root: Path | str, **params: Any) -> MazeBuilder:
-        """The builder for ``params`` under ``data_root``, in a directory named after the parameters."""
-        p = {
-            "size": 15, "num_train": 1000, "num_val": 500, "num_aug": 3, "min_path_length": None, "seed": 0,
-            "train_file": None, "val_file": None, **params,
-        }
-        min_path_length = validate_params(**p)
-        name = dataset_dir_name(**{**p, "min_path_length": min_path_length})
-        return cls(Path(data_root) / name, **p)
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB_SIZE
 
-    def _file_subset(self, path: str, limit: int | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        inputs, labels = load_mazes(Path(path).expanduser(), self.size)
-        if limit is not None and limit < len(inputs):
-            keep = np.sort(rng.choice(len(inputs), size=limit, replace=False))  # seeded subset, file order
-            inputs, labels = inputs[keep], labels[keep]
-        elif limit is not None and limit > len(inputs):
-            log.warning("%s has %d mazes, fewer than the %d requested; using all", path, len(inputs), limit)
-        return inputs, labels
+    def family_params(self) -> dict[str, Any]:
+        return {"min_path_length": self.min_path_length}
 
-    def _generate(self, count: int, rng: random.Random, exclude: set[bytes], what: str) -> tuple[np.ndarray, np.ndarray]:
-        """``count`` distinct mazes not in ``exclude`` (input bytes); adds them to ``exclude``."""
-        inputs, labels = [], []
-        max_tries = 20 * count + 100  # tiny sizes have few distinct mazes: fail instead of looping
-        for _ in range(max_tries):
-            if len(inputs) == count:
-                break
-            maze_in, maze_lab = generate_maze(self.size, self.min_path_length, rng)
-            key = _key(maze_in)
-            if key in exclude:
-                continue
-            exclude.add(key)
-            inputs.append(maze_in)
-            labels.append(maze_lab)
-        if len(inputs) < count:
-            raise MazeGenerationError(
-                f"generated only {len(inputs)} distinct {what} {self.size}x{self.size} mazes out of {count} requested "
-                f"in {max_tries} tries; ask for fewer mazes or use a larger size"
-            )
-        return np.stack(inputs), np.stack(labels)
+    def generated_tag(self) -> str:
+        return f"p{self.min_path_length}"
 
-    def _augment(self, inputs: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def generation_hint(self) -> str:
+        return "ask for fewer mazes or use a larger size"
+
+    def generate_one(self, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+        return generate_maze(self.size, self.min_path_length, rng)
+
+    def load_file(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        return load_mazes(path, self.size)
+
+    def augment(self, inputs: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Originals followed by ``num_aug`` copies, each maze under distinct non-identity symmetries."""
         if self.num_aug == 0:
             return inputs, labels
@@ -487,80 +401,12 @@ class MazeBuilder(DiskDatasetBuilder):
             out_lab.append(aug_lab)
         return np.concatenate(out_in), np.concatenate(out_lab)
 
-    def _build(self, tmp_dir: Path) -> dict:
-        start = time.monotonic()
-        gen_rng = random.Random(self.seed)
-        np_rng = np.random.default_rng(self.seed)
+    def summary_stats(self, base: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+        def moves(labels: np.ndarray) -> dict[str, float]:
+            counts = (labels == PATH).sum(axis=1) + 1
+            return {"min": int(counts.min()), "mean": round(float(counts.mean()), 3), "max": int(counts.max())}
 
-        if self.train_file is not None:
-            train_in, train_lab = self._file_subset(self.train_file, self.num_train, np_rng)
-        else:
-            train_in, train_lab = self._generate(self.num_train, gen_rng, set(), "training")
-        num_base = len(train_in)
-        train_in, train_lab = self._augment(train_in, train_lab, np_rng)
-        train_keys = {row.tobytes() for row in train_in.astype(np.uint8)}
-
-        dropped = 0
-        if self.val_file is not None:
-            val_in, val_lab = self._file_subset(self.val_file, self.num_val, np_rng)
-            # Held out means held out: drop validation mazes that occur among the training rows.
-            seen = set(train_keys)
-            keep = []
-            for maze in val_in:
-                key = _key(maze)
-                keep.append(key not in seen)
-                seen.add(key)
-            keep_arr = np.asarray(keep)
-            dropped = int((~keep_arr).sum())
-            if dropped:
-                log.warning("Dropped %d validation mazes of %s that repeat a training row or each other", dropped, self.val_file)
-            if not keep_arr.any():
-                raise MazeFileError(f"{self.val_file}: every validation maze also occurs in the training set")
-            val_in, val_lab = val_in[keep_arr], val_lab[keep_arr]
-        else:
-            val_in, val_lab = self._generate(self.num_val, gen_rng, set(train_keys), "validation")
-
-        seq_len = self.size * self.size
-        total_bytes = 0
-        for split, (inputs, labels) in {"train": (train_in, train_lab), "val": (val_in, val_lab)}.items():
-            path = tmp_dir / f"{split}.pt"
-            save_split(
-                path,
-                {
-                    "inputs": torch.from_numpy(inputs.reshape(len(inputs), seq_len)),
-                    "labels": torch.from_numpy(labels.reshape(len(labels), seq_len)),
-                    "puzzle_identifiers": torch.zeros(len(inputs), dtype=torch.long),
-                },
-            )
-            # Validate what is actually on disk, exactly as setup() will read it.
-            check_split(load_split(path), path, VOCAB_SIZE, seq_len, 1)
-            total_bytes += path.stat().st_size
-
-        summary = {
-            "size": self.size,
-            "vocab_size": VOCAB_SIZE,
-            "seq_len": seq_len,
-            "num_puzzle_identifiers": 1,
-            "source_train": str(self.train_file) if self.train_file else "generated",
-            "source_val": str(self.val_file) if self.val_file else "generated",
-            "min_path_length": self.min_path_length,
-            "num_base_mazes": num_base,
-            "num_aug": self.num_aug,
-            "num_train": len(train_in),
-            "num_val": len(val_in),
-            "num_val_dropped_overlap": dropped,
-            "path_length_train": _path_stats(train_lab[:num_base]),
-            "path_length_val": _path_stats(val_lab),
-            "seed": self.seed,
-            "bytes": total_bytes,
-            "build_seconds": round(time.monotonic() - start, 3),
-        }
-        log.info(
-            "Maze %dx%d: %d base training mazes x %d (augmented) = %d train rows, %d val mazes, path lengths %s / %s",
-            self.size, self.size, num_base, self.num_aug + 1, len(train_in), len(val_in),
-            summary["path_length_train"], summary["path_length_val"],
-        )
-        return summary
+        return {"min_path_length": self.min_path_length, "path_length_train": moves(base[1]), "path_length_val": moves(val[1])}
 
 
 class MazeData(PuzzleData):

@@ -1,6 +1,7 @@
 """Shared storage format and data module for grid-puzzle datasets (Sudoku, Maze, ARC).
 
-A puzzle dataset directory (built once by a ``DiskDatasetBuilder`` subclass) holds ``train.pt`` and
+A puzzle dataset directory (built once by a ``DiskDatasetBuilder`` subclass: Sudoku and Maze through
+``dataset.reasoning.grid_builder.GridPuzzleBuilder``, ARC directly) holds ``train.pt`` and
 ``val.pt``, each a dict of tensors with at least
 
 * ``inputs``             Long[N, L]  puzzle tokens (0 is padding),
@@ -21,7 +22,8 @@ from typing import Any
 
 import torch
 
-from dataset.base import BUILD_HINT, DiskDatasetBuilder, TensorDictDataset, collate_tensor_dicts, describe_tensors
+from dataset.base import BUILD_HINT, DiskDatasetBuilder
+from dataset.tensors import TensorDictDataset, collate_tensor_dicts, describe_tensors
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,13 @@ class MalformedPuzzleDataError(ValueError):
 def save_split(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write one split; callers write into the builder's temporary directory (made visible atomically)."""
     torch.save({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
+def write_split(path: Path, tensors: dict[str, torch.Tensor], vocab_size: int, seq_len: int, num_puzzle_identifiers: int) -> int:
+    """Save one split, then check what is actually on disk exactly as `setup()` will read it; returns its bytes."""
+    save_split(path, tensors)
+    check_split(load_split(path), path, vocab_size, seq_len, num_puzzle_identifiers)
+    return path.stat().st_size
 
 
 def load_split(path: Path) -> dict[str, torch.Tensor]:
@@ -103,7 +112,8 @@ class PuzzleData:
     def root(self) -> Path:
         return self.builder.root
 
-    def prepare_data(self, rebuild: bool = False) -> None:
+    def prepare_data(self, rebuild: bool = False, incremental: bool = True) -> None:
+        """Build the dataset once (`incremental` does not apply: it is written in one go)."""
         summary = self.builder.build(rebuild=rebuild)
         log.info("Dataset %s: %s", self.root, summary)
 

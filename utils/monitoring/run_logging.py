@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
+from utils.storage.atomic import atomic_write_text
+
 _FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
 
 
@@ -113,7 +115,6 @@ def read_metrics(run_dir: Path | str, kind: str | None = None) -> list[dict[str,
 
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
     """Drop records newer than a resumed checkpoint, so the resumed run does not log steps twice."""
-    from utils.storage.checkpoint import atomic_write_text  # local import: checkpoint pulls in torch
 
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():

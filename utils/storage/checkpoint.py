@@ -30,27 +30,26 @@ Guarantees:
 from __future__ import annotations
 
 import collections
-import errno
 import hashlib
 import io
 import logging
 import os
 import pickle
 import re
-import secrets
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
+
+from utils.storage.atomic import TEMP_NAME_RE, atomic_torch_save, atomic_write_text, fsync_dir, temp_path_for
 
 log = logging.getLogger(__name__)
 
 LATEST_NAME = "latest.pt"
 SIDECAR_SUFFIX = ".sha256"
 _STEP_RE = re.compile(r"^step_(\d{8,})\.pt$")
-_TEMP_RE = re.compile(r"^\..+\.tmp\.(\d+)\.[0-9a-f]+$")
 # Messages of torch's weights-only unpickler that mean "this file asks for something not allowed" (as opposed
 # to "these bytes are garbage", e.g. "Unsupported operand", which is corruption).
 _REFUSAL_RE = re.compile(r"GLOBAL|unrecognized function|Can only |must be imported to load")
@@ -63,76 +62,6 @@ _REFUSAL_RE = re.compile(r"GLOBAL|unrecognized function|Can only |must be import
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the file, the problem and the fix."""
-
-
-# ----------------------------------------------------------------------------------------------- atomic writes
-def _temp_path(path: Path) -> Path:
-    # Hidden (leading dot) so nothing globbing for checkpoints sees it; pid so stale ones can be recognised.
-    return path.parent / f".{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}"
-
-
-def fsync_dir(directory: Path) -> None:
-    """Persist a rename: the new name lives in the directory entry, not in the file."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # A few filesystems (some network/FUSE mounts) cannot fsync a directory; the rename is still atomic.
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None], temp_path: Path | None = None) -> None:
-    """Write `path` through `write(binary_file)` into a temp sibling, fsync, rename over `path`, fsync the directory.
-
-    `temp_path` overrides the temp name for callers whose own clean-up recognises another pattern; such a
-    name is not unique (a reused pid), so a leftover with it is overwritten instead of refused.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path if temp_path is not None else _temp_path(path)
-    try:
-        with open(tmp, "xb" if temp_path is None else "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # also on KeyboardInterrupt: never leave our temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`; readers see the old content or the new, never a mix."""
-    atomic_write(Path(path), lambda f: f.write(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """UTF-8 text version of `atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-class _HashingWriter:
-    """File-like object that hashes what torch.save writes, so the digest costs no second pass over the file."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self._sha = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self._sha.update(data)
-        return self._f.write(data)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()
 
 
 def _sidecar_path(path: Path) -> Path:
@@ -184,25 +113,16 @@ def _check_loadable(obj: Any, path: Path) -> None:
         )
 
 
-def _save_with_sidecar(obj: Any, path: Path) -> str:
+def save_with_sidecar(obj: Any, path: Path) -> str:
+    """torch.save `obj` to `path` atomically, then its `<path>.sha256` sidecar (also atomically); returns the digest.
+
+    Refuses (CheckpointError, before writing anything) a state `torch.load(weights_only=True)` could not read.
+    """
+    path = Path(path)
     _check_loadable(obj, path)
-    writer: _HashingWriter | None = None
-
-    def write(f: BinaryIO) -> None:
-        nonlocal writer
-        writer = _HashingWriter(f)
-        torch.save(obj, writer)
-
-    atomic_write(path, write)
-    assert writer is not None
-    digest = writer.hexdigest()
+    digest = atomic_torch_save(obj, path)
     _write_sidecar(path, digest)  # after the checkpoint: a sidecar never vouches for a file not yet in place
     return digest
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save `obj` to `path` atomically, then write its `<path>.sha256` sidecar (also atomically)."""
-    _save_with_sidecar(obj, Path(path))
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -336,7 +256,7 @@ class CheckpointManager:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temp_files()
         path = self.step_path(step)
-        digest = _save_with_sidecar(state, path)
+        digest = save_with_sidecar(state, path)
         self._point_latest_at(path, digest)
         self._prune(protect=path)
         return path
@@ -346,12 +266,12 @@ class CheckpointManager:
         if Path(name).name != name or name.startswith(".") or name == LATEST_NAME or _STEP_RE.match(name):
             raise ValueError(f"save_named: {name!r} must be a plain file name other than latest.pt / step_*.pt")
         path = self.directory / name
-        _save_with_sidecar(state, path)
+        save_with_sidecar(state, path)
         return path
 
     def _point_latest_at(self, path: Path, digest: str) -> None:
         latest = self.latest_path
-        tmp = _temp_path(latest)
+        tmp = temp_path_for(latest)
         try:
             try:
                 os.link(path, tmp)  # no second copy of a possibly multi-GB file
@@ -383,7 +303,7 @@ class CheckpointManager:
     def _remove_stale_temp_files(self) -> None:
         # Temp files of killed saves; those of a live process (another save in flight) are left alone.
         for entry in self.directory.iterdir():
-            m = _TEMP_RE.match(entry.name)
+            m = TEMP_NAME_RE.match(entry.name)
             if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
                 entry.unlink(missing_ok=True)
 

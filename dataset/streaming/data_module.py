@@ -1,13 +1,13 @@
-"""Trainer-side data module of the streaming vision_unified dataset (``data=multimodal/vision_unified``).
+"""Trainer-side data module of a streaming dataset: build or wait, then take in new shards at epoch starts.
 
 Build or wait (``prepare_data``, called by train.py before it execs pretrain.py, and again by the
 trainer):
 
 * complete dataset (manifest says so) -> nothing to do;
-* no builder alive (the ``.builder.lock`` flock is free) -> start one in the background,
-  ``python -m dataset.streaming build --config-json ...`` in a session of its own (it outlives train.py's
-  ``os.execv`` and a Ctrl+C of the training), output appended to ``<dir>/builder.log``; a restarted
-  builder resumes where the last one stopped;
+* no builder alive (its ``.builder.lock`` flock is free) -> start one in the background,
+  ``python -m dataset.streaming build --builder ... --config-json ...`` in a session of its own (it
+  outlives train.py's ``os.execv`` and a Ctrl+C of the training), output appended to
+  ``<dir>/builder.log``; a restarted builder resumes where the last one stopped;
 * then wait: ``incremental=True`` (default) until the first ``val_files`` consolidated files exist,
   ``incremental=False`` (``--no-incremental``, ``--dataset-only``) until the dataset is complete. With
   ``incremental=False`` and no builder alive the build runs in this process (in the foreground: Ctrl+C
@@ -21,174 +21,91 @@ consolidated files only: fixed for the run (and identical across ranks and resum
 metrics stay comparable while the training set grows. Held-out rows of later files are not used
 (neither for training nor for validation).
 
-Incremental pickup (``refresh(epoch, sync)``, called by the trainer at the start of every epoch):
-the number of consolidated files the epoch trains on is fixed at its start (rank 0's count, via
-``sync``) and recorded in ``state_dict()``, which the trainer checkpoints. A run resumed inside epoch e
-uses exactly the count recorded for e, so the sampler's permutation is over the same rows and the
-resume is exact; a new epoch takes in whatever the builder has finished since.
+Incremental pickup (a ``Callback``: ``on_train_epoch_start``, or ``refresh(epoch, sync)`` directly):
+the number of consolidated files an epoch trains on is fixed at its start (rank 0's count, broadcast
+to every rank) and recorded in ``state_dict()``, which the trainer checkpoints. A run resumed inside
+epoch e uses exactly the count recorded for e, so the sampler's permutation is over the same rows and
+the resume is exact; a new epoch takes in whatever the builder has finished since.
 
-Batches (``collate_fn = collate_tensor_dicts``): ``images`` uint8 [B, 1, H, W] (0..255; the model
-scales them) or ``capsules`` float16 [B, num_capsules, D] when pre-encoded, ``target`` int64
-[B, target_len] (byte b -> b + 2, EOS 1, -100 after it), ``source`` int64 [B] (0 arc, 1 text, 2 code),
-``task_index`` / ``test_index`` int64 [B] (ARC rows: the task in ``arc_tasks.json`` and its test input,
--1 for demonstration pairs and other sources; read by ``dataset.reasoning.arc_evaluator.MultimodalArcEvaluator``,
-ignored by the model). ``model_kwargs()`` adds ``arc_tasks_path`` when the dataset has that file.
+A family subclasses ``StreamingDataModule`` with its builder and its ``model_kwargs``.
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dataset.base import TensorDictDataset, collate_tensor_dicts, describe_tensors
-from dataset.streaming import (
-    ARC_TASKS_FILE,
-    BYTE_OFFSET,
-    EOS_TOKEN,
-    LOG_FILE,
-    PAD_TOKEN,
-    REPO_ROOT,
-    SOURCE_IDS,
-    VOCAB_SIZE,
-    BuilderBusyError,
-    BuilderLock,
-    BuildInterrupted,
+from dataset.base import require_int
+from dataset.streaming.manifest import (
+    MANIFEST_FILE,
     StreamingDatasetError,
-    VisionUnifiedBuilder,
-    builder_alive,
-    builder_pid,
-    clear_dataset_dir,
     consolidated_name,
+    describe,
     read_manifest,
 )
+from dataset.streaming.shards import BuilderBusyError, BuildInterrupted, StreamingDatasetBuilder, clear_dataset_dir
+from dataset.tensors import TensorDictDataset, collate_tensor_dicts, describe_tensors
+from utils.distributed import broadcast_from_rank0
 from utils.signals import EXIT_INTERRUPTED
+from utils.training.callbacks import Callback
+
+if TYPE_CHECKING:
+    from utils.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-REBUILD_HINT = "rebuild with `python train.py data=multimodal/vision_unified --rebuild-dataset` (plus your other overrides)"
-PRE_ENCODE_KEYS = (
-    "encoder_factory",
-    "encoder_kwargs",
-    "encoder_checkpoint",
-    "encoder_state_prefix",
-    "encoder_batch_size",
-    "encoder_device",
-)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILDER_START_TIMEOUT_S = 300  # the builder's imports (torch) take seconds on a loaded machine
+VAL_KEY = "is_val"  # the bool column that marks held-out rows
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers (Hydra passes them) to plain lists/dicts, recursively."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency of the launcher
-        pass
-    return value
-
-
-def _tail(path: Path, lines: int = 15) -> str:
+def tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log file, for error messages."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
-        return "(no builder.log)"
+        return f"(no {path.name})"
     return "\n".join(text[-lines:])
 
 
-class StreamingData:
-    """Data module over a ``VisionUnifiedBuilder`` directory ``<data_root>/<name>`` (module docstring)."""
+class StreamingDataModule(Callback, abc.ABC):
+    """Data module over a streaming builder's directory (module docstring).
+
+    ``builder_kwargs`` are the builder's keyword arguments (JSON-able: the background builder gets them
+    on its command line); ``row_keys`` the columns every row must have besides ``is_val``;
+    ``data_config`` the config option that selects this data (``multimodal/vision_unified``), for messages.
+    """
 
     def __init__(
         self,
-        data_root: str = "datasets",
-        name: str = "vision_unified",
-        arc_dir: str | None = None,
-        arc_subsets: Sequence[str] = ("training",),
-        arc_max_tasks: int | None = None,
-        arc_demos: int = 0,
-        text_dirs: Sequence[str] = (),
-        text_globs: Sequence[str] = ("*.txt", "*.jsonl"),
-        generate_stories: int = 1000,
-        stories_per_file: int = 100,
-        code_dirs: Sequence[str] = ("models", "utils", "dataset"),
-        code_globs: Sequence[str] = ("*.py",),
-        snapshot_code: bool = True,
-        image_size: Sequence[int] = (64, 128),
-        font_size: int = 8,
-        context_chars: int = 128,
-        text_stride: int = 64,
-        context_lines: int = 8,
-        target_len: int = 64,
-        examples_per_batch: int = 32,
-        batches_per_consolidated: int = 100,
-        val_every: int = 10,
+        builder: StreamingDatasetBuilder,
+        builder_kwargs: Mapping[str, Any],
+        row_keys: set[str],
         val_files: int = 1,
-        max_examples: int | None = None,
-        seed: int = 0,
-        pre_encode: Mapping[str, Any] | None = None,
-        throttle_s: float = 0.0,
         poll_s: float = 1.0,
         log_every_s: float = 5.0,
         wait_timeout_s: float | None = None,
+        data_config: str = "<this data config>",
     ) -> None:
-        if not name or "/" in str(name) or str(name).startswith("."):
-            raise ValueError(f"data.name must be a plain directory name, got {name!r}")
-        if isinstance(val_files, bool) or not isinstance(val_files, int) or val_files < 1:
-            raise ValueError(f"data.val_files must be an integer >= 1, got {val_files!r}")
-        # data_root is relative to the working directory like every other dataset's; made absolute here
-        # so the background builder (started in the repository root) writes to the same place.
-        self.root = (Path(data_root).expanduser() / str(name)).resolve()
-        self.val_files = val_files
+        self.val_files = require_int("data.val_files", val_files, 1)
+        self.builder = builder
+        self.builder_kwargs = dict(builder_kwargs)
+        self.row_keys = set(row_keys)
         self.poll_s = float(poll_s)
         self.log_every_s = float(log_every_s)
         self.wait_timeout_s = wait_timeout_s
-        pre = _plain(pre_encode)
-        if pre is not None:
-            if not isinstance(pre, dict):
-                raise TypeError(f"data.pre_encode must be null or a mapping, got {pre!r}")
-            unknown = sorted(set(pre) - set(PRE_ENCODE_KEYS))
-            if unknown:
-                raise ValueError(f"data.pre_encode: unknown keys {unknown}; accepted: {', '.join(PRE_ENCODE_KEYS)}")
-            if not isinstance(pre.get("encoder_factory"), str):
-                raise ValueError("data.pre_encode.encoder_factory must be a dotted path, e.g. models.multimodal.capsule_encoder.CapsuleEncoder")
-        # Everything the background builder needs, JSON-able (it gets it on its command line).
-        self.builder_kwargs: dict[str, Any] = {
-            "arc_dir": str(arc_dir) if arc_dir else None,
-            "arc_subsets": list(_plain(arc_subsets) or []),
-            "arc_max_tasks": arc_max_tasks,
-            "arc_demos": arc_demos,
-            "text_dirs": [str(p) for p in _plain(text_dirs) or []],
-            "text_globs": list(_plain(text_globs) or []),
-            "generate_stories": generate_stories,
-            "stories_per_file": stories_per_file,
-            "code_dirs": [str(p) for p in _plain(code_dirs) or []],
-            "code_globs": list(_plain(code_globs) or []),
-            "snapshot_code": snapshot_code,
-            "image_size": [int(s) for s in _plain(image_size)],
-            "font_size": font_size,
-            "context_chars": context_chars,
-            "text_stride": text_stride,
-            "context_lines": context_lines,
-            "target_len": target_len,
-            "val_every": val_every,
-            "seed": seed,
-            "examples_per_batch": examples_per_batch,
-            "batches_per_consolidated": batches_per_consolidated,
-            "max_examples": max_examples,
-            "throttle_s": throttle_s,
-            **(pre or {}),
-        }
-        self.builder = VisionUnifiedBuilder(self.root, **self.builder_kwargs)  # validates every value
+        self.data_config = data_config
+        self.rebuild_hint = f"rebuild with `python train.py data={data_config} --rebuild-dataset` (plus your other overrides)"
         self.train_dataset: TensorDictDataset | None = None
         self.val_dataset: TensorDictDataset | None = None
         self.collate_fn = collate_tensor_dicts
@@ -199,18 +116,17 @@ class StreamingData:
         self._warned_stalled_epoch: int | None = None
         self._builder_proc: subprocess.Popen | None = None
 
-    # ------------------------------------------------------------------------------- paths
+    @abc.abstractmethod
+    def model_kwargs(self) -> dict[str, Any]:
+        """Facts the model (and evaluators) may take as constructor arguments."""
+
+    @property
+    def root(self) -> Path:
+        return self.builder.root
+
     @property
     def log_path(self) -> Path:
-        return self.root / LOG_FILE
-
-    @property
-    def pre_encoded(self) -> bool:
-        return self.builder.pre_encoded
-
-    @property
-    def data_key(self) -> str:
-        return "capsules" if self.pre_encoded else "images"
+        return self.builder.log_path
 
     # ------------------------------------------------------------------------- build or wait
     def prepare_data(self, rebuild: bool = False, incremental: bool = True) -> None:
@@ -221,40 +137,33 @@ class StreamingData:
         manifest = read_manifest(self.root)
         self.builder.check_params(manifest)
         if manifest is not None and manifest["complete"]:
-            log.info("Dataset %s is complete: %s", self.root, self._describe(manifest))
+            log.info("Dataset %s is complete: %s", self.root, describe(manifest))
             return
         if not incremental:
-            if builder_alive(self.root):
-                log.info("A dataset builder (pid %s) is running on %s: waiting for the complete dataset", builder_pid(self.root), self.root)
+            if self.builder.is_building():
+                log.info("A dataset builder (%s) is running on %s: waiting for the complete dataset", self.builder.holder(), self.root)
                 self._wait(lambda m: bool(m["complete"]), "the dataset was complete")
             else:
                 self._build_here()
             return
-        if not builder_alive(self.root):
+        if not self.builder.is_building():
             self._spawn_builder()
         if manifest is not None and self._ready(manifest):
-            log.info("Dataset %s: %s; the builder goes on in the background", self.root, self._describe(manifest))
+            log.info("Dataset %s: %s; the builder goes on in the background", self.root, describe(manifest))
             return
         manifest = self._wait(self._ready, f"{consolidated_name(self.val_files - 1)} was written")
-        log.info("Dataset %s: %s; training can start, the builder goes on in the background", self.root, self._describe(manifest))
+        log.info("Dataset %s: %s; training can start, the builder goes on in the background", self.root, describe(manifest))
 
     def _ready(self, manifest: Mapping[str, Any]) -> bool:
         return bool(manifest["complete"]) or len(manifest["consolidated"]) >= self.val_files
 
-    @staticmethod
-    def _describe(manifest: Mapping[str, Any]) -> str:
-        rows = sum(int(c["rows"]) for c in manifest["consolidated"])
-        return (
-            f"{len(manifest['consolidated'])} consolidated files ({rows} rows), "
-            f"{manifest['batches_written']} batch files written, complete={manifest['complete']}"
-        )
-
     def _clear_for_rebuild(self) -> None:
-        lock = BuilderLock(self.root)
-        if not lock.acquire():
-            pid = builder_pid(self.root)
+        lock = self.builder.lock()
+        if not lock.acquire(timeout=2.0):  # a liveness probe holds it for microseconds
+            holder = self.builder.holder()
+            pid = holder.pid if holder else "<pid>"
             raise RuntimeError(
-                f"cannot rebuild {self.root}: a dataset builder (pid {pid}) is still running on it; "
+                f"cannot rebuild {self.root}: a dataset builder ({holder or 'unknown pid'}) is still running on it; "
                 f"stop it first (`kill {pid}` stops it cleanly after its current file), then rerun"
             )
         try:
@@ -267,8 +176,10 @@ class StreamingData:
         """The whole build in this process (foreground), its log also appended to builder.log."""
         handler = logging.FileHandler(self.log_path, mode="a", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        builder_log = logging.getLogger("dataset.streaming")
-        builder_log.addHandler(handler)
+        # The framework's loggers (dataset.streaming.*) and the builder's own module.
+        loggers = {logging.getLogger("dataset.streaming"), logging.getLogger(type(self.builder).__module__)}
+        for logger in loggers:
+            logger.addHandler(handler)
         log.info("Building %s in this process (log also in %s)", self.root, self.log_path)
         try:
             self.builder.build()
@@ -278,12 +189,27 @@ class StreamingData:
             log.warning("%s after a complete file; run the same command again to resume the build", e)
             raise SystemExit(EXIT_INTERRUPTED) from None
         finally:
-            builder_log.removeHandler(handler)
+            for logger in loggers:
+                logger.removeHandler(handler)
             handler.close()
 
     def builder_command(self) -> list[str]:
+        """The command line of the background builder (``python -m dataset.streaming build``)."""
+        builder_class = type(self.builder)
         config = {"root": str(self.root), **self.builder_kwargs}
-        return [sys.executable, "-m", "dataset.streaming", "build", "--config-json", json.dumps(config)]
+        return [
+            sys.executable, "-m", "dataset.streaming", "build",
+            "--builder", f"{builder_class.__module__}.{builder_class.__qualname__}",
+            "--config-json", json.dumps(config),
+        ]
+
+    def _died_message(self, what: str, code: int | None = None) -> str:
+        """One message for a builder that is gone before ``what``: names its log, says to rerun."""
+        how = f" (exit code {code})" if code is not None else ""
+        return (
+            f"dataset builder died before {what} in {self.root}{how}; see {self.log_path}; rerun to resume it. "
+            f"Last lines of the log:\n{tail(self.log_path)}"
+        )
 
     def _spawn_builder(self) -> None:
         cmd = self.builder_command()
@@ -303,18 +229,17 @@ class StreamingData:
             )
         self._builder_proc = proc  # kept so it is reaped, not reported as a leaked process
         log.info("Started the dataset builder for %s in the background: pid %d, log %s", self.root, proc.pid, self.log_path)
-        deadline = time.monotonic() + 300  # its imports (torch) take seconds on a loaded machine
-        while not builder_alive(self.root):
+        deadline = time.monotonic() + BUILDER_START_TIMEOUT_S
+        while not self.builder.is_building():
             code = proc.poll()
             if code is not None:
                 if code == 0:
                     return  # it found the dataset complete, or another builder took over
-                raise RuntimeError(
-                    f"the dataset builder exited with code {code} before it started building; see {self.log_path}:\n"
-                    f"{_tail(self.log_path)}"
-                )
+                raise RuntimeError(self._died_message("it started building", code))
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the dataset builder (pid {proc.pid}) did not start within 300 s; see {self.log_path}")
+                raise TimeoutError(
+                    f"the dataset builder (pid {proc.pid}) did not start within {BUILDER_START_TIMEOUT_S} s; see {self.log_path}"
+                )
             time.sleep(0.05)
 
     def _wait(self, ready: Callable[[Mapping[str, Any]], bool], what: str) -> dict[str, Any]:
@@ -323,21 +248,18 @@ class StreamingData:
             manifest = read_manifest(self.root)
             if manifest is not None and ready(manifest):
                 return manifest
-            if not builder_alive(self.root):
+            if not self.builder.is_building():
                 manifest = read_manifest(self.root)  # it may have written the file just before exiting
                 if manifest is not None and ready(manifest):
                     return manifest
-                raise RuntimeError(
-                    f"dataset builder died before {what} in {self.root}; see {self.log_path}; rerun to resume it. "
-                    f"Last lines of the log:\n{_tail(self.log_path)}"
-                )
+                raise RuntimeError(self._died_message(what))
             now = time.monotonic()
             if now - last_log >= self.log_every_s:
                 done = manifest["batches_written"] if manifest else 0
                 files = len(manifest["consolidated"]) if manifest else 0
                 log.info(
-                    "Waiting until %s: %d batch files written so far, %d consolidated (builder pid %s, log %s)",
-                    what, done, files, builder_pid(self.root), self.log_path,
+                    "Waiting until %s: %d batch files written so far, %d consolidated (builder %s, log %s)",
+                    what, done, files, self.builder.holder(), self.log_path,
                 )
                 last_log = now
             if self.wait_timeout_s is not None and now - start > self.wait_timeout_s:
@@ -350,20 +272,22 @@ class StreamingData:
         manifest = read_manifest(self.root)
         if manifest is None or not manifest["consolidated"]:
             raise FileNotFoundError(
-                f"no consolidated files in {self.root} yet; build with `python train.py data=multimodal/vision_unified "
+                f"no consolidated files in {self.root} yet; build with `python train.py data={self.data_config} "
                 "--dataset-only`, or let training start the builder (it waits for the first file)"
             )
         self.builder.check_params(manifest)
         self._manifest = manifest
         spec = manifest.get("row_spec") or {}
-        expected = {self.data_key, "target", "source", "is_val", "task_index", "test_index"}
+        expected = self.row_keys | {VAL_KEY}
         if set(spec) != expected:
-            raise StreamingDatasetError(f"{self.root / 'manifest.json'} describes rows {sorted(spec)}, expected {sorted(expected)}; {REBUILD_HINT}")
+            raise StreamingDatasetError(
+                f"{self.root / MANIFEST_FILE} describes rows {sorted(spec)}, expected {sorted(expected)}; {self.rebuild_hint}"
+            )
         available = len(manifest["consolidated"])
         first = {k: self._load_file(k) for k in range(min(self.val_files, available))}
-        val_parts = [{n: t[d["is_val"]] for n, t in d.items() if n != "is_val"} for d in first.values()]
+        val_parts = [{n: t[d[VAL_KEY]] for n, t in d.items() if n != VAL_KEY} for d in first.values()]
         val = {n: torch.cat([p[n] for p in val_parts]) for n in val_parts[0]}
-        if len(val["target"]) == 0:
+        if len(next(iter(val.values()))) == 0:
             raise StreamingDatasetError(
                 f"the first {len(first)} consolidated file(s) of {self.root} hold no validation rows; "
                 "lower data.val_every or raise data.val_files (then --rebuild-dataset if val_every changed)"
@@ -384,14 +308,14 @@ class StreamingData:
             self._manifest = read_manifest(self.root) or self._manifest
             entries = self._manifest["consolidated"]
         if index >= len(entries):
-            raise StreamingDatasetError(f"{self.root / consolidated_name(index)} is not in the manifest; {REBUILD_HINT}")
+            raise StreamingDatasetError(f"{self.root / consolidated_name(index)} is not in the manifest; {self.rebuild_hint}")
         entry = entries[index]
         path = self.root / entry["file"]
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # whatever the reason, the file is unusable
             first_line = (str(e).strip().splitlines() or [""])[0]
-            raise StreamingDatasetError(f"{path} could not be loaded ({type(e).__name__}: {first_line}); {REBUILD_HINT}") from e
+            raise StreamingDatasetError(f"{path} could not be loaded ({type(e).__name__}: {first_line}); {self.rebuild_hint}") from e
         spec = self._manifest["row_spec"]
         problems = []
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -409,7 +333,7 @@ class StreamingData:
                     problems.append(f"{key!r} has {len(t)} rows, the manifest says {entry['rows']}")
         if problems:
             contents = describe_tensors(data) if isinstance(data, dict) else type(data).__name__
-            raise StreamingDatasetError(f"{path} is malformed: {'; '.join(problems)} (contents {contents}); {REBUILD_HINT}")
+            raise StreamingDatasetError(f"{path} is malformed: {'; '.join(problems)} (contents {contents}); {self.rebuild_hint}")
         return data
 
     def _set_train_files(self, count: int, preloaded: Mapping[int, dict[str, torch.Tensor]] | None = None) -> bool:
@@ -425,9 +349,9 @@ class StreamingData:
             parts = [] if self._train is None else [self._train]
             for k in range(have, count):
                 data = (preloaded or {}).get(k) or self._load_file(k)
-                part = {n: t[~data["is_val"]] for n, t in data.items() if n != "is_val"}
+                part = {n: t[~data[VAL_KEY]] for n, t in data.items() if n != VAL_KEY}
                 parts.append(part)
-                self._train_offsets.append(self._train_offsets[-1] + len(part["target"]))
+                self._train_offsets.append(self._train_offsets[-1] + len(next(iter(part.values()))))
             self._train = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
         self.train_dataset = TensorDictDataset(self._train)
         return True
@@ -438,8 +362,16 @@ class StreamingData:
         manifest = read_manifest(self.root)
         return len(manifest["consolidated"]) if manifest else 0
 
+    def on_train_epoch_start(self, trainer: Trainer) -> None:
+        """Fix the files this epoch trains on (rank 0's count on every rank); rebuild the loader if they changed."""
+        if self.refresh(trainer.state.epoch, sync=broadcast_from_rank0):
+            trainer.reload_train_data()
+
     def refresh(self, epoch: int, sync: Callable[[int], int] = lambda n: n) -> bool:
-        """Fix the files epoch ``epoch`` trains on (module docstring); True when the train set changed."""
+        """Fix the files epoch ``epoch`` trains on (module docstring); True when the train set changed.
+
+        ``sync`` turns this rank's count of available files into the count every rank uses.
+        """
         if self._state is not None and int(self._state["epoch"]) == epoch:
             count = int(self._state["num_consolidated"])  # resumed inside this epoch: exactly what it used
             available = self.num_available()
@@ -461,7 +393,7 @@ class StreamingData:
         manifest = read_manifest(self.root)
         if manifest is None or manifest["complete"] or self._warned_stalled_epoch is not None:
             return
-        if not builder_alive(self.root):
+        if not self.builder.is_building():
             self._warned_stalled_epoch = epoch
             log.warning(
                 "The dataset %s is incomplete and no builder is running (see %s); training goes on with the "
@@ -478,33 +410,7 @@ class StreamingData:
         expected = self.builder.params_hash()
         if state.get("params_hash") != expected:
             raise StreamingDatasetError(
-                f"the checkpoint was trained on a vision_unified dataset with other parameters than {self.root} "
+                f"the checkpoint was trained on a dataset with other parameters than {self.root} "
                 "(data config changed?); restore the config or start over with --fresh"
             )
         self._state = {"epoch": int(state["epoch"]), "num_consolidated": int(state["num_consolidated"]), "params_hash": expected}
-
-    # ---------------------------------------------------------------------------- model facts
-    def model_kwargs(self) -> dict[str, Any]:
-        """Facts the model (and evaluators) may take as constructor arguments."""
-        b = self.builder
-        facts: dict[str, Any] = {
-            "vocab_size": VOCAB_SIZE,
-            "target_len": b.target_len,
-            "image_size": list(b.image_size),
-            "in_channels": 1,
-            "sources": b.source_names,
-            "num_sources": len(SOURCE_IDS),
-            "pad_token_id": PAD_TOKEN,
-            "eos_token_id": EOS_TOKEN,
-            "byte_offset": BYTE_OFFSET,
-        }
-        if self.pre_encoded:
-            manifest = self._manifest or read_manifest(self.root)
-            spec = (manifest or {}).get("row_spec") or {}
-            if "capsules" not in spec:
-                raise StreamingDatasetError(f"{self.root} has no pre-encoded rows yet: run prepare_data() first")
-            facts["num_capsules"], facts["capsule_dim"] = spec["capsules"]["shape"]
-        arc_tasks = self.root / ARC_TASKS_FILE
-        if arc_tasks.is_file():  # the ARC scorer's task list (written before the first batch)
-            facts["arc_tasks_path"] = str(arc_tasks)
-        return facts
