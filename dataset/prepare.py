@@ -12,14 +12,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from utils.training.curriculum import Curriculum
 
 if TYPE_CHECKING:
     from utils.contract import DataModule
 
 
-def prepare_dataset(cfg: DictConfig, rebuild: bool = False, incremental: bool = True) -> DataModule:
-    """Instantiate the configured data module and make sure its dataset is ready; returns the module."""
-    data = instantiate(cfg.data)
-    data.prepare_data(rebuild=rebuild, incremental=incremental)
-    return data
+def prepare_dataset(cfg: DictConfig, rebuild: bool = False, incremental: bool = True) -> list[DataModule]:
+    """Make every dataset the run will use ready (each curriculum stage's, once); returns the data modules."""
+    t = cfg.trainer
+    curriculum = Curriculum.from_config(cfg.get("curriculum"), t.monitor, t.monitor_mode)
+    modules, seen = [], []
+    for data_cfg in curriculum.data_configs(cfg.data):
+        plain = OmegaConf.to_container(data_cfg, resolve=True)
+        if plain in seen:
+            continue
+        seen.append(plain)
+        data = instantiate(data_cfg)
+        data.prepare_data(rebuild=rebuild, incremental=incremental)
+        modules.append(data)
+    return modules

@@ -57,7 +57,7 @@ class StageRecorder(Callback):
             "step": trainer.state.step,
             "name": stage.name,
             "batch": trainer.global_batch_size,
-            "operation": trainer.data.operation,
+            "operation": trainer.data.builder.operation,
             "filter_on": trainer.grad_filter_active,
             "lr": trainer.optimizers[0].optimizer.param_groups[0]["lr"],
         })

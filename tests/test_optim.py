@@ -2,7 +2,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from utils.optim.builder import NamedOptimizer, build_optimizers
+from utils.optim.builder import build_optimizers
 
 
 class Net(torch.nn.Module):
@@ -177,4 +177,3 @@ def test_frozen_params_excluded_and_no_trainable_gives_empty() -> None:
     assert not any(n.startswith("embed.") for n in main.param_names)
     model.requires_grad_(False)
     assert build_optimizers(model, {"_target_": "torch.optim.Adam", "lr": 1e-3}) == []
-    assert isinstance(NamedOptimizer("main", main.optimizer, None, []), NamedOptimizer)

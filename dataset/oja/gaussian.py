@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dataset.base import TensorDictDataset, collate_tensor_dicts
+from dataset.tensors import TensorDictDataset, collate_tensor_dicts
 
 
 class GaussianData:
