@@ -99,16 +99,17 @@ def make_cfg(data_root: Path, single_process: None) -> Iterator[Callable[..., Di
 
     Runs land in <tmp_path>/ck/test (paths.root=<tmp_path>/ck, run_name=test); pass another directory
     as the first argument for a second, independent run in the same test. `shrink_trainer=False` keeps
-    the trainer's composed batch/step/eval settings (to test a preset such as debug=fast).
+    the trainer's composed batch/step/eval settings (to test a preset such as debug=fast);
+    `tiny_grokking=False` leaves out the shrunk grokking model and data (for another experiment).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
 
-    def make(tmp_path: Path, *overrides: str, shrink_trainer: bool = True) -> DictConfig:
+    def make(tmp_path: Path, *overrides: str, shrink_trainer: bool = True, tiny_grokking: bool = True) -> DictConfig:
         return compose_config(
             f"paths.root={Path(tmp_path) / 'ck'}",
             f"paths.data_root={data_root}",
-            *TINY_OVERRIDES,
+            *(TINY_OVERRIDES if tiny_grokking else ("run_name=test", "trainer.device=cpu")),
             *(TINY_TRAINER_OVERRIDES if shrink_trainer else ()),
             *overrides,
         )

@@ -43,7 +43,7 @@ class WeightTrace(Callback):
 
 
 def oja_cfg(make_cfg, tmp_path: Path, *overrides: str):
-    return make_cfg(tmp_path, *OJA, *overrides, shrink_trainer=False)
+    return make_cfg(tmp_path, *OJA, *overrides, shrink_trainer=False, tiny_grokking=False)
 
 
 def test_oja_converges_to_the_first_principal_component(make_cfg, tmp_path: Path) -> None:

@@ -223,7 +223,7 @@ def test_ponder_cost_is_the_expected_continue_probability():
 
 
 def test_every_term_is_reported_separately_by_the_act_loss_config():
-    loss = instantiate(compose_config("loss=reasoning/act").loss)
+    loss = instantiate(compose_config("model=reasoning/trm", "loss=reasoning/act").loss)
     model = tiny().train()
     batch = batch_of(4, 0)
     values = loss(model(batch), batch)
@@ -244,7 +244,7 @@ def test_weight_schedules():
 
 def test_weight_schedule_from_config_sets_the_weight_by_step():
     cfg = compose_config(
-        "loss=reasoning/act",
+        "model=reasoning/trm", "loss=reasoning/act",
         "+loss.terms.ponder.weight_schedule={_target_:losses.weight_schedules.LinearRamp,end_value:0.02,end_step:100}",
     )
     loss = instantiate(cfg.loss)

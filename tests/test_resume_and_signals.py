@@ -115,7 +115,7 @@ def test_sigkill_then_rerun_is_bitwise_identical_to_an_uninterrupted_run(
     resume_step = state["train_state"]["step"]
     assert kill_at_or_after - 5 <= resume_step < FINAL_STEP, resume_step
     assert 0 < state["train_state"]["batches_in_epoch"] < BATCHES_PER_EPOCH, (
-        f"the resume point (step {resume_step}) should be mid-epoch: {state['trainer']}"
+        f"the resume point (step {resume_step}) should be mid-epoch: {state['train_state']}"
     )
 
     rerun = run("pretrain.py", *args)

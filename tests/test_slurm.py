@@ -196,14 +196,14 @@ def test_sweep_on_slurm_is_requeued_after_preemption_and_resumes_exactly(own_job
 
         outcome, job_return = pickle_load(sweep_dir / ".submitit" / job_id / f"{job_id}_0_result.pkl")
         assert outcome == "success", job_return
-        j["best"] = best = load(run_dir / "latest.pt")["trainer"]["best_metric"]
+        j["best"] = best = load(run_dir / "latest.pt")["train_state"]["best_metric"]
         assert best is not None and job_return.return_value == best, (kind, job_return.return_value, best)
         assert f"Best val/acc = {best:.6g}" in train_log
 
     # ---- the pre-empted job ends exactly where the uninterrupted one does
     victim = load(jobs["usr2"]["dir"] / "latest.pt")
     ref = load(ref_root / "sweep" / "latest.pt")
-    assert victim["trainer"]["step"] == STEPS
+    assert victim["train_state"]["step"] == STEPS
     assert_tensors_equal(victim["model"], ref["model"], "model")
     assert assert_tensors_equal(_comparable(victim), _comparable(ref), "checkpoint") > 10
 
@@ -277,7 +277,7 @@ def test_an_interrupted_fit_saves_its_checkpoint_before_passing_the_signal_on(tm
     seen: list[int] = []
 
     def submitit_like(signum, frame):  # records the newest checkpoint's step when it is called
-        seen.append(load(run_dir / "latest.pt")["trainer"]["step"])
+        seen.append(load(run_dir / "latest.pt")["train_state"]["step"])
 
     def send_when_training():
         deadline = time.monotonic() + 120

@@ -79,7 +79,7 @@ def test_grid_sweep_runs_every_combination_in_its_own_deterministic_dir(sweeps):
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == sorted(GRID_DIRS), sorted(sweep_dir.iterdir())
     for name, (width, lr) in GRID_DIRS.items():
         ckpt = load(sweep_dir / name / "latest.pt")
-        assert ckpt["trainer"]["step"] == 6
+        assert ckpt["train_state"]["step"] == 6
         assert ckpt["config"]["optim"]["lr"] == lr and ckpt["config"]["model"]["width"] == width
         assert ckpt["config"]["paths"]["run_dir"] == str(sweep_dir / name)
 
@@ -95,7 +95,7 @@ def test_grid_sweep_ends_with_a_summary_table_of_the_monitored_metric(sweeps):
         assert r["status"] == "COMPLETED" and r["error"] == ""
         ckpt = load(Path(r["run_dir"]) / "latest.pt")
         # the table holds what pretrain.run returned: the best val/acc of that job
-        assert float(r["val/acc"]) == ckpt["trainer"]["best_metric"]
+        assert float(r["val/acc"]) == ckpt["train_state"]["best_metric"]
         assert 0.0 <= float(r["val/acc"]) <= 1.0
     table = result.output[result.output.index("Sweep summary (4 jobs"):].splitlines()
     assert table[1].split() == ["job", "optim.lr", "model.width", "val/acc", "status", "error"], table
@@ -175,5 +175,5 @@ def test_summary_works_with_submitit_jobs_and_a_run_name_from_a_swept_group(swee
     for r in rows:
         job_dir = Path(r["run_dir"])
         assert job_dir.parent == sweep_dir and (job_dir / "latest.pt").exists()
-        assert float(r["val/acc"]) == load(job_dir / "latest.pt")["trainer"]["best_metric"]
+        assert float(r["val/acc"]) == load(job_dir / "latest.pt")["train_state"]["best_metric"]
     assert "Sweep summary (2 jobs" in result.output, result

@@ -21,7 +21,8 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from utils.config.store import register_configs
 from utils.config.validation import validate_config
@@ -49,8 +50,16 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config", validate
     if GlobalHydra.instance().is_initialized():  # e.g. a notebook that composed before
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="api"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
-    return validate_config(cfg) if validate else cfg
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    # `${hydra:runtime.choices...}` (e.g. the grokking run_name) resolves only while Hydra's config is set:
+    # resolve it here, then forget it, so run directories come from paths.root / run_name as documented.
+    HydraConfig.instance().set_config(cfg)
+    try:
+        job = OmegaConf.create(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                                                      resolve=True))
+    finally:
+        HydraConfig.instance().cfg = None
+    return validate_config(job) if validate else job
 
 
 def train(
