@@ -15,13 +15,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from utils.config.errors import ConfigError
+from utils.cli import exit_code, report
 from utils.config.store import register_configs
 from utils.monitoring.run_logging import setup_logging
-from utils.signals import EXIT_ABORTED, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_NONFINITE
-from utils.storage.checkpoint import CheckpointError
 from utils.training.runner import fit
-from utils.training.trainer import NonFiniteError, TrainingInterrupted
+from utils.training.trainer import TrainingInterrupted
 
 log = logging.getLogger("pretrain")
 register_configs()  # the typed schemas must be in Hydra's ConfigStore before @hydra.main composes
@@ -51,20 +49,22 @@ def main(cfg: DictConfig) -> float | None:
     try:
         OmegaConf.resolve(cfg)  # ${hydra:...} interpolations only resolve inside Hydra's context
         return run(cfg)
-    except (ConfigError, CheckpointError) as err:
-        log.error("%s", err)
-        _exit_or_raise(EXIT_CONFIG, err)
-    except NonFiniteError as err:
-        log.error("%s", err)
-        _exit_or_raise(EXIT_NONFINITE, err)
-    except TrainingInterrupted as err:
-        log.warning("%s: checkpoint saved; run the same command again to resume.", err)
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        log.warning("Aborted.")
-        sys.exit(EXIT_ABORTED)
+    except (TrainingInterrupted, KeyboardInterrupt) as err:
+        sys.exit(report(err, log))
+    except Exception as err:
+        if exit_code(err) == 1:  # a bug: the traceback
+            raise
+        _exit_or_raise(report(err, log), err)
+    return None
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()
+    # Hydra then raises its override and composition errors instead of printing them and exiting 1:
+    # a typo is a user error like any other (one message, exit 2).
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    setup_logging(None)
+    try:
+        main()
+    except Exception as err:  # noqa: BLE001 - sorted by utils.cli: user errors exit 2, bugs re-raise
+        sys.exit(report(err, log))

@@ -17,18 +17,22 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dataset.prepare import prepare_dataset
+from utils.cli import exit_for
 from utils.config.errors import ConfigError
 from utils.config.store import register_configs
 from utils.config.validation import validate_config
 from utils.monitoring.run_logging import setup_logging
-from utils.signals import EXIT_CONFIG
 from utils.storage.checkpoint import CheckpointError, CheckpointManager
-from utils.training.runner import move_aside
+from utils.training.curriculum import Curriculum
+from utils.training.runner import move_aside, run_dir_in_use
+from utils.training.state import TrainState
+from utils.training.trainer import finished_reason
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("train")
@@ -58,16 +62,43 @@ def compose_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def report_resume(run_dir: Path) -> None:
+def report_resume(run_dir: Path, cfg: DictConfig) -> None:
+    """Say what the run will do: start, continue from a checkpoint, or report that it is finished."""
     try:
         loaded = CheckpointManager(run_dir).load_latest()
     except CheckpointError as err:
         raise ConfigError(f"{err} Use --fresh to start over (the old files are kept aside).") from None
     if loaded is None:
         log.info("No checkpoint in %s: starting a new run.", run_dir)
+        return
+    ckpt, path = loaded
+    state = TrainState.from_dict(ckpt["train_state"])
+    curriculum = Curriculum.from_config(cfg.get("curriculum"), cfg.trainer.monitor, cfg.trainer.monitor_mode)
+    finished = finished_reason(state, cfg.trainer, curriculum)
+    if finished:
+        log.info("%s is at step %d: the run is finished (%s); nothing to train. Use --fresh to start over.",
+                 path, state.step, finished)
     else:
-        state, path = loaded
-        log.info("Auto-resume: %s is at step %d; training continues from there.", path, state["train_state"]["step"])
+        log.info("Auto-resume: %s is at step %d; training continues from there.", path, state.step)
+
+
+def preflight(cfg: DictConfig, run_dir: Path) -> None:
+    """What would otherwise fail in every rank of a torchrun job (one message instead of a traceback each)."""
+    if (busy := run_dir_in_use(run_dir)) is not None:
+        raise busy
+    t = cfg.trainer
+    if t.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={t.device}, but no CUDA GPU is visible; use trainer.device=auto or cpu.")
+    batch_sizes = {"trainer.global_batch_size": t.global_batch_size}
+    for i, stage in enumerate((cfg.get("curriculum") or {}).get("stages") or []):
+        if stage.get("batch_size") is not None:
+            batch_sizes[f"curriculum.stages[{i}].batch_size"] = stage.batch_size
+    for key, size in batch_sizes.items():
+        if size % t.nproc_per_node:
+            raise ConfigError(
+                f"{key}={size} is not divisible by trainer.nproc_per_node={t.nproc_per_node} (each process takes an "
+                f"equal share of the global batch); pick a multiple of {t.nproc_per_node}."
+            )
 
 
 def pretrain_command(cfg: DictConfig, passthrough: list[str]) -> list[str]:
@@ -78,11 +109,29 @@ def pretrain_command(cfg: DictConfig, passthrough: list[str]) -> list[str]:
     return [sys.executable, script, *passthrough]
 
 
+# Hydra's flags that take a value (`--cfg job`, `-p trainer`): the value is not an override.
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def split_hydra_args(passthrough: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides)."""
+    flags, overrides = [], []
+    args = iter(passthrough)
+    for arg in args:
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in _VALUE_FLAGS:
+                flags.append(next(args, ""))
+        else:
+            overrides.append(arg)
+    return flags, overrides
+
+
 def main(argv: list[str] | None = None) -> None:
     args, passthrough = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(None)
-    hydra_flags = [a for a in passthrough if a.startswith("-")]
-    overrides = [a for a in passthrough if not a.startswith("-")]
+    hydra_flags, overrides = split_hydra_args(passthrough)
     single_run = not hydra_flags  # -m, --cfg, --help ...: pretrain.py/Hydra handles everything
     try:
         if single_run or args.dataset_only:
@@ -90,10 +139,11 @@ def main(argv: list[str] | None = None) -> None:
             run_dir = Path(cfg.hydra.run.dir)
             # validate without the hydra node: a config typo should fail here, before any building
             job_cfg = validate_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+            preflight(job_cfg, run_dir)
             if args.fresh and run_dir.exists():
                 log.info("--fresh: moved the previous run to %s", move_aside(run_dir))
             elif single_run:
-                report_resume(run_dir)
+                report_resume(run_dir, job_cfg)
             # --dataset-only waits for the whole dataset: a streaming builder would otherwise return at its first shard
             incremental = not (args.no_incremental or args.dataset_only)
             prepare_dataset(job_cfg, rebuild=args.rebuild_dataset, incremental=incremental)
@@ -103,14 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         else:  # sweep values (a,b / range(...)): any one value tells us nproc_per_node
             cfg = compose_config([o for o in overrides if not ("," in o or "(" in o)])
             job_cfg = validate_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-    except ConfigError as err:
-        log.error("%s", err)
-        sys.exit(EXIT_CONFIG)
-    except Exception as err:  # Hydra's own override/compose errors: show the message without a traceback
-        if type(err).__module__.startswith(("hydra", "omegaconf")):
-            log.error("%s", err)
-            sys.exit(EXIT_CONFIG)
-        raise
+    except Exception as err:  # noqa: BLE001 - sorted by utils.cli: user errors exit 2, bugs re-raise
+        exit_for(err, log)
     cmd = pretrain_command(job_cfg, passthrough)
     log.info("Handing off: %s", " ".join(cmd))
     sys.stdout.flush()

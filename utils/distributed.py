@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from utils.config.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -54,7 +56,7 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"trainer.device={requested} but no CUDA GPU is visible; use trainer.device=auto or cpu.")
+            raise ConfigError(f"trainer.device={requested}, but no CUDA GPU is visible; use trainer.device=auto or cpu.")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return device

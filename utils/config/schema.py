@@ -54,6 +54,15 @@ class GradMonitorConf:
 
 
 @dataclass
+class DivergenceConf:
+    """A step whose loss or gradient norm exceeds a bound counts as non-finite: skipped, and part of the streak
+    that stops the run after max_consecutive_nonfinite (a loss or update that explodes while still finite)."""
+
+    max_loss: Optional[float] = None
+    max_grad_norm: Optional[float] = None  # before clipping (a local learner's update norm)
+
+
+@dataclass
 class TrainerConf:
     max_steps: int = 1000
     max_epochs: Optional[int] = None  # stop after this many passes over the train set (whichever comes first)
@@ -62,6 +71,7 @@ class TrainerConf:
     eval_interval: Any = 100  # steps (100, "100 steps") or epochs ("5 epochs"), see utils/training/intervals.py
     eval_max_batches: Optional[int] = None  # evaluate on a subset (a fixed shuffle of the validation set)
     log_interval: int = 10  # steps
+    log_verbose: bool = False  # console lines with every metric (they always go to metrics.jsonl and the trackers)
     # Training-curve figures: null draws them at evaluations (at most every 30 s) and at the end; an
     # interval (steps or epochs) draws them exactly then.
     plot_interval: Any = None
@@ -76,6 +86,7 @@ class TrainerConf:
     compile: bool = False
     detect_anomaly: bool = False
     max_consecutive_nonfinite: int = 10
+    divergence: DivergenceConf = field(default_factory=DivergenceConf)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     num_workers: int = 0
     nproc_per_node: int = 1  # >1: train.py starts torchrun itself

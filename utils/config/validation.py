@@ -66,8 +66,8 @@ def _check_schema_keys(node: DictConfig, path: str) -> None:
             if key not in known:
                 full = f"{path}.{key}" if path else str(key)
                 raise ConfigError(
-                    f"Unknown config key '{full}'{nearest_keys(str(key), known)} "
-                    f"(valid keys{' of ' + path if path else ''}: {', '.join(known)})."
+                    f"Unknown config key '{full}'{nearest_keys(str(key), known)}; "
+                    f"valid keys{' of ' + path if path else ''}: {', '.join(known)}."
                 )
     for key in node.keys():
         child = node._get_node(key)
@@ -148,7 +148,7 @@ def check_target_node(path: str, node: DictConfig) -> None:
                 continue
             accepted = sorted(n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL,))
             raise ConfigError(
-                f"Unknown key '{path}.{key}' for {target}. Accepted keys: {', '.join(accepted)}."
+                f"Unknown key '{path}.{key}' for {target}{nearest_keys(str(key), accepted)}. Accepted keys: {', '.join(accepted)}."
             )
         _check_literal_type(path, key, node, hints.get(key))
 
@@ -208,6 +208,15 @@ def _check_trainer(cfg: DictConfig, model_given: bool) -> None:
     for key in ("max_steps", "global_batch_size", "log_interval"):
         if t[key] <= 0:
             raise ConfigError(f"trainer.{key} must be positive, got {t[key]}.")
+    for key in ("eval_batch_size", "eval_max_batches", "max_epochs"):
+        if t[key] is not None and t[key] <= 0:
+            raise ConfigError(f"trainer.{key} must be positive (or null), got {t[key]}.")
+    if not 0.0 <= t.ema.decay <= 1.0:
+        raise ConfigError(f"trainer.ema.decay must be in [0, 1] (0.999 is usual), got {t.ema.decay}.")
+    if t.max_consecutive_nonfinite <= 0:
+        raise ConfigError(f"trainer.max_consecutive_nonfinite must be positive, got {t.max_consecutive_nonfinite}.")
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        raise ConfigError(f"trainer.grad_clip must be positive (or null to disable), got {t.grad_clip}.")
     if t.checkpoint.keep_last <= 0:
         raise ConfigError(f"trainer.checkpoint.keep_last must be positive, got {t.checkpoint.keep_last}.")
     parse_interval(t.eval_interval, "trainer.eval_interval")

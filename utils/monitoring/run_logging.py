@@ -16,6 +16,12 @@ from typing import Any, Protocol
 from utils.storage.atomic import atomic_write_text
 
 _FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
+# logging `extra` flag: a record for train.log only (e.g. the traceback behind a one-line user error).
+FILE_ONLY = "file_only"
+
+
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, FILE_ONLY, False)
 
 
 def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO) -> None:
@@ -30,6 +36,7 @@ def setup_logging(run_dir: Path | None, rank: int = 0, level: int = logging.INFO
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
     console.setLevel(level if rank == 0 else logging.WARNING)
+    console.addFilter(_not_file_only)
     console._launcher = True  # type: ignore[attr-defined]
     root.addHandler(console)
     if run_dir is not None and rank == 0:

@@ -29,6 +29,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from utils.config.errors import ConfigError
 from utils.modules import matches_prefix, unwrap_model
 
 # Keys that configure this builder rather than the optimizer class.
@@ -176,6 +177,15 @@ def _split_into_groups(
     return out
 
 
+def optimizer_settings(optim_cfg: Any, name: str) -> dict[str, Any]:
+    """The keyword arguments optimizer `name` ("main" or a component) is built with (inheritance applied)."""
+    cfg = _to_container(optim_cfg) or {}
+    if name == "main":
+        return _optimizer_kwargs(cfg)
+    component = (cfg.get("components") or {}).get(name) or {}
+    return _component_spec(name, component, cfg, []).kwargs
+
+
 def build_optimizers(model: torch.nn.Module, optim_cfg: Any) -> list[NamedOptimizer]:
     """One optimizer per component plus "main" for everything unclaimed; [] if nothing is trainable."""
     model = unwrap_model(model)
@@ -215,6 +225,12 @@ def build_optimizers(model: torch.nn.Module, optim_cfg: Any) -> list[NamedOptimi
 
     result = []
     for spec, groups in zip(specs, split):
-        optimizer = get_class(spec.target)(groups, **spec.kwargs)
+        where = "optim" if spec.name == "main" else f"optim.components.{spec.name}"
+        try:
+            optimizer = get_class(spec.target)(groups, **spec.kwargs)
+        except (ValueError, IndexError) as err:  # what torch's optimizers raise for bad settings (lr < 0, betas=[0.9])
+            settings = ", ".join(f"{k}={v!r}" for k, v in spec.kwargs.items())
+            raise ConfigError(f"{where}: {spec.target} refused its settings ({settings}): {err or type(err).__name__}. "
+                              f"Fix {where}.*") from None
         result.append(NamedOptimizer(spec.name, optimizer, spec.schedule_cfg, list(spec.param_names)))
     return result

@@ -30,6 +30,7 @@ Guarantees:
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import io
 import logging
@@ -113,15 +114,68 @@ def _check_loadable(obj: Any, path: Path) -> None:
         )
 
 
+class DiskFullError(CheckpointError):
+    """Not enough free space for a checkpoint; nothing was written, the previous checkpoint is intact."""
+
+
+def _bytes_needed(obj: Any) -> int:
+    """About what torch.save of `obj` writes: its tensors' storages (each once) plus a margin for the rest."""
+    seen: set[int] = set()
+    total = 1 << 20
+
+    def visit(x: Any) -> None:
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple, set)):
+            for v in x:
+                visit(v)
+
+    visit(obj)
+    return total
+
+
+def _disk_full(path: Path, needed: int) -> DiskFullError:
+    free = shutil.disk_usage(path.parent).free
+    return DiskFullError(
+        f"Out of disk space: {path.name} needs about {needed / 2**20:.1f} MiB in {path.parent}, and "
+        f"{free / 2**20:.1f} MiB are free. Nothing was written; the previous checkpoint is intact. Fix: free some "
+        "space (or move paths.root to a larger disk), then run the same command again to resume."
+    )
+
+
+def _is_out_of_space(err: BaseException, path: Path, needed: int) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch's zip writer reports a failed write as "[enforce fail ...] unexpected pos ..." (the OSError is lost)
+    return shutil.disk_usage(path.parent).free < needed
+
+
 def save_with_sidecar(obj: Any, path: Path) -> str:
     """torch.save `obj` to `path` atomically, then its `<path>.sha256` sidecar (also atomically); returns the digest.
 
-    Refuses (CheckpointError, before writing anything) a state `torch.load(weights_only=True)` could not read.
+    Refuses (CheckpointError, before writing anything) a state `torch.load(weights_only=True)` could not read,
+    and one that does not fit on the disk (DiskFullError; checked before writing, and again if a write fails).
     """
     path = Path(path)
     _check_loadable(obj, path)
-    digest = atomic_torch_save(obj, path)
-    _write_sidecar(path, digest)  # after the checkpoint: a sidecar never vouches for a file not yet in place
+    path.parent.mkdir(parents=True, exist_ok=True)
+    needed = _bytes_needed(obj)
+    if shutil.disk_usage(path.parent).free < needed:
+        raise _disk_full(path, needed)
+    try:
+        digest = atomic_torch_save(obj, path)
+        _write_sidecar(path, digest)  # after the checkpoint: a sidecar never vouches for a file not yet in place
+    except (OSError, RuntimeError) as err:
+        if _is_out_of_space(err, path, needed):
+            raise _disk_full(path, needed) from err
+        raise
     return digest
 
 
@@ -260,6 +314,23 @@ class CheckpointManager:
         self._point_latest_at(path, digest)
         self._prune(protect=path)
         return path
+
+    def discard(self, step: int) -> Path | None:
+        """Remove step `step`'s file (its weights turned out to diverge) and point `latest.pt` at the newest
+        remaining step file; returns that file (None when none is left, and latest.pt is removed too)."""
+        path = self.step_path(step)
+        path.unlink(missing_ok=True)
+        _sidecar_path(path).unlink(missing_ok=True)
+        remaining = self.checkpoints()
+        if not remaining:
+            self.latest_path.unlink(missing_ok=True)
+            _sidecar_path(self.latest_path).unlink(missing_ok=True)
+            return None
+        newest = remaining[-1]
+        digest = _read_sidecar(newest)
+        if digest is not None:
+            self._point_latest_at(newest, digest)
+        return newest
 
     def save_named(self, name: str, state: dict) -> Path:
         """Atomically write one named file such as "best.pt" or "ema_model.pt" (with its sidecar)."""

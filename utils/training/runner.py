@@ -14,9 +14,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from utils.config.errors import ConfigError
 from utils.config.validation import validate_config
 from utils.distributed import cleanup_distributed, init_distributed
 from utils.monitoring.run_logging import setup_logging
+from utils.storage.locks import FileLock, is_locked, lock_holder
 from utils.training.state import FitResult
 from utils.training.trainer import Trainer
 
@@ -28,6 +30,37 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(cfg.paths.root) / cfg.run_name
+
+
+RUN_LOCK = ".run.lock"  # held by rank 0 for the whole run; the kernel drops it when the process dies
+
+
+def run_dir_in_use(run_dir: Path) -> ConfigError | None:
+    """The error to stop with when another live process holds `run_dir` (None when it is free)."""
+    if not is_locked(run_dir / RUN_LOCK):
+        return None
+    holder = lock_holder(run_dir / RUN_LOCK)
+    return ConfigError(
+        f"{run_dir} is in use by another run ({holder or 'a live process'}): two runs never share a run directory. "
+        "Wait for that run to finish (or stop it), or give this one another run_name=... (or paths.root=...)."
+    )
+
+
+def lock_run_dir(run_dir: Path) -> FileLock:
+    """Create `run_dir` and hold its lock; ConfigError when it is not writable or another run holds it."""
+    lock = FileLock(run_dir / RUN_LOCK)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # A probe (is_locked) holds the lock for microseconds: a short timeout keeps one from refusing us.
+        acquired = lock.acquire(timeout=0.5)
+    except OSError as err:
+        raise ConfigError(
+            f"Cannot write to the run directory {run_dir} ({err.strerror}). Fix its permissions, or write "
+            "elsewhere with paths.root=... (or run_name=...)."
+        ) from None
+    if not acquired:
+        raise run_dir_in_use(run_dir) or ConfigError(f"{run_dir} is in use by another run.")
+    return lock
 
 
 def move_aside(run_dir: Path) -> Path:
@@ -44,12 +77,14 @@ def fit(cfg: DictConfig, model: torch.nn.Module | None = None) -> FitResult:
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
     dist_info = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
-    setup_logging(run_dir, dist_info.rank)
+    lock = None
     try:
+        lock = lock_run_dir(run_dir) if dist_info.is_main else None
+        setup_logging(run_dir, dist_info.rank)
         if cfg.trainer.deterministic:
             torch.use_deterministic_algorithms(True)
-        if dist_info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
         return Trainer(cfg, dist_info, run_dir, model=model).fit()
     finally:
+        if lock is not None:
+            lock.release()
         cleanup_distributed()

@@ -26,7 +26,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.config.errors import ConfigError
+from utils.config.errors import ConfigError, nearest_keys
 from utils.contract import LocalLearner
 from utils.distributed import DistInfo, all_reduce_mean, any_rank, barrier
 from utils.monitoring.grad_monitor import GradientMonitor
@@ -42,6 +42,7 @@ from utils.optim.schedules import scale_learning_rate, steps_per_call
 from utils.rng import capture_rng_state, restore_rng_state, seed_everything
 from utils.signals import GracefulShutdown
 from utils.storage.checkpoint import CheckpointError, CheckpointManager, assert_finite_state
+from utils.training import config_changes
 from utils.training.callbacks import Callback, CallbackList
 from utils.training.curriculum import Curriculum, Stage, stage_data_config
 from utils.training.data_loading import ResumableDistributedSampler, ShardSampler, make_loader
@@ -108,6 +109,7 @@ class Trainer:
         seed_everything(cfg.seed + self.dist.rank)  # per-rank randomness (dropout) after identical init
 
         self.ckpt = CheckpointManager(run_dir, keep_last=t.checkpoint.keep_last)
+        self.last_good_checkpoint: tuple[Path, int] | None = None  # written (or resumed from) by this run
         self.resumed_run_ids: dict[str, str | None] = {}
         self.writer = MetricsWriter(None, enabled=False)  # opened in fit(), once a resumed run id is known
         self.figures: FigureMaker | None = None
@@ -213,6 +215,7 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.grad_clip = self.tcfg.grad_clip if self.tcfg.grad_clip is not None else math.inf
+        self.max_loss, self.max_grad_norm = self.tcfg.divergence.max_loss, self.tcfg.divergence.max_grad_norm
 
     def _build_callbacks(self) -> CallbackList:
         """The components that are Callbacks (model, loss, data, evaluators), then the `callbacks` group."""
@@ -401,13 +404,19 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Collective (RNG gather); only rank 0 writes."""
+        """Collective (RNG gather); only rank 0 writes. Never during a non-finite streak: the weights of such
+        a run may be finite but exploded, and the checkpoint before the streak is the one to resume from."""
+        if self.state.consecutive_nonfinite:
+            log.warning("Step %d is in a streak of %d non-finite steps: no checkpoint saved (the last good one is kept).",
+                        self.state.step, self.state.consecutive_nonfinite)
+            return
         state = self.checkpoint_state()
         if self.dist.is_main:
             path = self.ckpt.save(state, self.state.step)
             if self.ema is not None:
                 self.ckpt.save_named("ema_model.pt", {"model": self.ema.module.state_dict(), "step": self.state.step})
             log.info("Saved checkpoint %s", path)
+        self.last_good_checkpoint = (self.ckpt.step_path(self.state.step), self.state.step)
         barrier()
 
     def resume(self) -> bool:
@@ -418,12 +427,18 @@ class Trainer:
         if loaded is None:
             return False
         ckpt, path = loaded
+        current = scrub_secrets(OmegaConf.to_container(self.cfg, resolve=True))
+        if ckpt.get("format") == CHECKPOINT_FORMAT:  # (another format is refused by _check_compatible)
+            config_changes.refuse_what_cannot_continue(ckpt["config"], current, str(path))
         self._check_compatible(ckpt, path)
+        step = int(ckpt["train_state"]["step"])
+        self.last_good_checkpoint = (self.ckpt.step_path(step) if self.ckpt.step_path(step).exists() else path, step)
         self.model.load_state_dict(ckpt["model"])
         for named in self.optimizers:
             named.optimizer.load_state_dict(ckpt["optimizers"][named.name])
         for name, sch in self.schedulers.items():
             sch.load_state_dict(ckpt["schedulers"][name])
+        config_changes.apply(ckpt["config"], current, self.optimizers, self.schedulers)
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
@@ -528,9 +543,13 @@ class Trainer:
             if self.grad_monitor is not None:  # per layer, before clipping: what backward produced
                 monitor_metrics = self.grad_monitor.observe(self.model, self.state.step + 1)
         # One host sync per step: the non-finite guard must decide before any state changes.
-        finite = bool(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))
-        if not finite:
-            self._skip_nonfinite_step(total)
+        ok = torch.isfinite(total.detach()) & torch.isfinite(grad_norm)
+        if self.max_loss is not None:
+            ok &= total.detach() <= self.max_loss
+        if self.max_grad_norm is not None:
+            ok &= grad_norm <= self.max_grad_norm
+        if not bool(ok):
+            self._skip_nonfinite_step(total, grad_norm)
             self.state.step += 1  # a skipped step still consumed its batch: the data order stays the same
             return None
         self.state.consecutive_nonfinite = 0
@@ -577,24 +596,56 @@ class Trainer:
         flat /= self.dist.world_size
         torch._foreach_copy_(grads, list(torch.split(flat, [g.numel() for g in grads])))  # type: ignore[arg-type]
 
-    def _skip_nonfinite_step(self, total: torch.Tensor) -> None:
+    def _skip_nonfinite_step(self, total: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self._zero_grad()
         self.carry = None  # a carry built from non-finite activations would poison the next steps
         self.state.consecutive_nonfinite += 1
         self.state.total_nonfinite += 1
         if self.scaler.is_enabled():
             self.scaler.update()  # lets fp16 lower its scale instead of skipping forever
-        log.warning(
-            "Non-finite %s at step %d: step skipped (%d in a row, %d in total).",
-            "loss" if not torch.isfinite(total.detach()) else ("update" if self.learns_locally else "gradient"),
-            self.state.step + 1, self.state.consecutive_nonfinite, self.state.total_nonfinite,
-        )
+        if self.state.consecutive_nonfinite == 1:
+            self._discard_checkpoint_before_the_streak()
+        what = "update norm" if self.learns_locally else "gradient norm"
+        loss, norm = float(total.detach()), float(grad_norm)
+        if not math.isfinite(loss):
+            problem = f"non-finite loss ({loss})"
+        elif not math.isfinite(norm):
+            problem = f"non-finite {what} ({norm})"
+        elif self.max_loss is not None and loss > self.max_loss:
+            problem = f"diverging loss {loss:.4g} > trainer.divergence.max_loss={self.max_loss}"
+        else:
+            problem = f"diverging {what} {norm:.4g} > trainer.divergence.max_grad_norm={self.max_grad_norm}"
+        log.warning("Step %d: %s; step skipped (%d in a row, %d in total).", self.state.step + 1, problem,
+                    self.state.consecutive_nonfinite, self.state.total_nonfinite)
         if self.state.consecutive_nonfinite >= self.tcfg.max_consecutive_nonfinite:
+            if self.last_good_checkpoint is not None:
+                path, step = self.last_good_checkpoint
+                where = (f"The last good checkpoint is {path} (step {step}); the same command with other settings "
+                         "resumes from it (a changed optim.lr is applied on resume)")
+            else:
+                where = "No checkpoint was written before the streak; the same command with other settings starts over"
             raise NonFiniteError(
-                f"{self.state.consecutive_nonfinite} consecutive non-finite steps (trainer.max_consecutive_nonfinite="
-                f"{self.tcfg.max_consecutive_nonfinite}); stopping. The last good checkpoint in {self.run_dir} is kept. "
-                "Lower the learning rate, enable grad clipping, or run with debug=anomaly to find the operation."
+                f"{self.state.consecutive_nonfinite} consecutive non-finite or diverging steps (last: {problem}; "
+                f"trainer.max_consecutive_nonfinite={self.tcfg.max_consecutive_nonfinite}); stopped, no checkpoint "
+                f"written during the streak. {where}: e.g. a lower optim.lr, trainer.grad_clip=1.0, or debug=anomaly "
+                "to find the operation."
             )
+
+    def _discard_checkpoint_before_the_streak(self) -> None:
+        """A streak starting right after a checkpoint: that checkpoint holds the weights that produced the first
+        non-finite step (a finite loss can still leave exploded weights behind), so it is not a good one."""
+        if self.last_good_checkpoint is None or self.last_good_checkpoint[1] != self.state.step:
+            return
+        path, step = self.last_good_checkpoint
+        if self.dist.is_main:
+            self.ckpt.discard(step)
+        barrier()
+        remaining = self.ckpt.checkpoints()
+        newest = remaining[-1] if remaining else None
+        self.last_good_checkpoint = (newest, int(newest.stem.split("_")[1])) if newest is not None else None
+        log.warning("Step %d is non-finite right after the checkpoint of step %d, whose weights produced it: %s "
+                    "discarded (the last good checkpoint is now %s).", step + 1, step, path.name,
+                    newest.name if newest is not None else "none")
 
     def _zero_grad(self) -> None:
         for named in self.optimizers:
@@ -658,7 +709,7 @@ class Trainer:
         improved = s.best_metric is None or (
             value > s.best_metric + es.min_delta if maximize else value < s.best_metric - es.min_delta
         )
-        if improved and math.isfinite(value):
+        if improved and math.isfinite(value) and not s.consecutive_nonfinite:
             s.best_metric, s.best_step, s.evals_without_improvement = value, s.step, 0
             if self.tcfg.checkpoint.save_best and self.dist.is_main:
                 best = {"model": self.model.state_dict(), "step": s.step, "metric": value, "monitor": monitor}
@@ -670,35 +721,18 @@ class Trainer:
         s.stop_reason = s.stop_reason or self._early_stop_reason(value)
 
     def _early_stop_reason(self, value: float) -> str | None:
-        """Why to stop after an evaluation whose monitored metric is `value` (None: go on)."""
-        s, es, monitor = self.state, self.tcfg.early_stopping, self.tcfg.monitor
-        if not es.enabled:
-            return None
-        if es.stop_at is not None and (value >= es.stop_at if self.tcfg.monitor_mode == "max" else value <= es.stop_at):
-            return f"{monitor} reached {value:.4f} (target {es.stop_at}) at step {s.step}"
-        if s.evals_without_improvement >= es.patience:
-            return (
-                f"early stopping: {monitor} did not improve by {es.min_delta} for {es.patience} evaluations "
-                f"(best {s.best_metric:.4f} at step {s.best_step})"
-            )
-        return None
+        return early_stop_reason(self.state, self.tcfg, value)
 
     def _already_finished(self) -> str | None:
-        """Why a resumed run has nothing left to do, if it has not."""
-        s, t = self.state, self.tcfg
-        if s.step >= t.max_steps:
-            return f"already at max_steps={t.max_steps}"
-        if t.max_epochs is not None and s.epoch >= t.max_epochs:
-            return f"already at max_epochs={t.max_epochs}"
-        if not s.history or s.history[-1]["step"] != s.step or t.monitor not in s.history[-1]:
-            return None
-        reason = self._early_stop_reason(s.history[-1][t.monitor])  # same rule as _after_eval
-        return f"already finished: {reason}" if reason else None
+        return finished_reason(self.state, self.tcfg, self.curriculum)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> FitResult:
         if not self.resume():
+            if self.dist.is_main:
+                truncate_metrics(self.run_dir, -1)  # a run that starts over starts a fresh metrics.jsonl
             self._enter_stage(0, live=True)
+        self._check_monitored_metrics()
         self.writer = MetricsWriter(self.run_dir, self._build_trackers(), enabled=self.dist.is_main)
         self.figures = FigureMaker(self.run_dir, list(self.callbacks), enabled=self.dist.is_main,
                                    log_images=self.writer.log_images)
@@ -795,11 +829,35 @@ class Trainer:
             self.save_checkpoint()
         return last_metrics
 
+    def _check_monitored_metrics(self) -> None:
+        """Fail before training, not at the first evaluation, when a monitored metric is not produced.
+
+        The names come from one validation batch (no gradients, RNG and evaluator state left as they were).
+        """
+        wanted = {"trainer.monitor": self.tcfg.monitor}
+        wanted.update({f"curriculum.stages[{s.index}].advance.monitor": s.advance.monitor
+                       for s in self.curriculum.stages if s.advance is not None})
+        known = {k for record in self.state.history for k in record}
+        if set(wanted.values()) <= known:
+            return
+        with _rng_preserved():
+            limit, self.tcfg.eval_max_batches = self.tcfg.eval_max_batches, 1
+            try:
+                names = set(self.evaluate())
+            finally:
+                self.tcfg.eval_max_batches = limit
+        for key, metric in wanted.items():
+            if metric not in names:
+                raise ConfigError(
+                    f"{key}={metric!r} is not a metric this run produces{nearest_keys(metric, sorted(names))}; "
+                    f"the evaluation metrics are: {', '.join(sorted(names))}."
+                )
+
     def _run_evaluation(self) -> dict[str, float]:
         metrics = self.evaluate()
         self._after_eval(metrics)
         self.writer.log(metrics, self.state.step, kind="val")
-        log.info("step %d  %s", self.state.step, _fmt(metrics))
+        log.info("step %d  %s", self.state.step, self._eval_line(metrics))
         self.callbacks.call("on_validation_end", self, metrics)
         if self.figures is not None and self.plot_interval is None:
             self.figures.maybe(self.state.step)
@@ -828,7 +886,64 @@ class Trainer:
         self.writer.log(values, self.state.step, kind="train")
         if self.dist.is_main:
             self.progress.set_metrics(values)
-            log.info("step %d  %s", self.state.step, _fmt(values), extra={PROGRESS_LINE: True})
+            log.info("step %d  %s", self.state.step, _fmt(values) if self.tcfg.log_verbose else self._train_line(values),
+                     extra={PROGRESS_LINE: True})
+
+    def _train_line(self, values: dict[str, float]) -> str:
+        """step, loss, the monitored metric (last evaluation), learning rate(s), step time; the rest is in metrics.jsonl."""
+        parts = [f"loss={values.get('train/loss', math.nan):.4g}"]
+        monitor = self.tcfg.monitor
+        if self.state.history and monitor in self.state.history[-1]:
+            parts.append(f"{monitor}={self.state.history[-1][monitor]:.4g}")
+        lrs = {k: v for k, v in values.items() if k.startswith("lr/")}
+        if len(lrs) == 1:
+            parts.append(f"lr={next(iter(lrs.values())):.3g}")
+        else:
+            parts += [f"{k}={v:.3g}" for k, v in lrs.items()]
+        parts.append(f"{values['time/step_s'] * 1000:.1f} ms/step")
+        if not self.curriculum.single:
+            parts.append(f"stage={self.stage.name}")
+        return "  ".join(parts)
+
+    def _eval_line(self, metrics: dict[str, float]) -> str:
+        """The monitored metric first (with the best so far), then the other validation metrics."""
+        monitor, s = self.tcfg.monitor, self.state
+        first = []
+        if monitor in metrics:
+            best = f" (best {s.best_metric:.4g} at step {s.best_step})" if s.best_metric is not None else ""
+            first.append(f"{monitor}={metrics[monitor]:.4g}{best}")
+        others = {k: v for k, v in metrics.items() if k != monitor}
+        return "  ".join(first + [_fmt(others)] if others else first)
+
+
+def early_stop_reason(s: TrainState, t: DictConfig, value: float) -> str | None:
+    """Why to stop after an evaluation whose monitored metric is `value` (None: go on)."""
+    es, monitor = t.early_stopping, t.monitor
+    if not es.enabled:
+        return None
+    if es.stop_at is not None and (value >= es.stop_at if t.monitor_mode == "max" else value <= es.stop_at):
+        return f"{monitor} reached {value:.4f} (target {es.stop_at}) at step {s.step}"
+    if s.evals_without_improvement >= es.patience:
+        return (
+            f"early stopping: {monitor} did not improve by {es.min_delta} for {es.patience} evaluations "
+            f"(best {s.best_metric:.4f} at step {s.best_step})"
+        )
+    return None
+
+
+def finished_reason(s: TrainState, t: DictConfig, curriculum: Curriculum) -> str | None:
+    """Why a checkpointed run has nothing left to do under config `t`, if it has not (same rules as the loop)."""
+    if s.step >= t.max_steps:
+        return f"already at max_steps={t.max_steps}"
+    if t.max_epochs is not None and s.epoch >= t.max_epochs:
+        return f"already at max_epochs={t.max_epochs}"
+    last = curriculum[min(s.stage, len(curriculum) - 1)]
+    if s.stage == len(curriculum) - 1 and last.max_steps is not None and s.step - s.stage_start_step >= last.max_steps:
+        return f"curriculum already finished ({last.label} used its {last.max_steps} steps)"
+    if not s.history or s.history[-1]["step"] != s.step or t.monitor not in s.history[-1]:
+        return None
+    reason = early_stop_reason(s, t, s.history[-1][t.monitor])
+    return f"already finished: {reason}" if reason else None
 
 
 @contextlib.contextmanager
