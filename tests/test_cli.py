@@ -114,7 +114,7 @@ def test_checkpoint_of_another_model_is_refused(two_runs, tmp_path):
     before = {p.name: sha256(p) for p in run_dir.glob("*.pt")}
     result = run("pretrain.py", *override(FAST, "model.width=48"), *paths(root, two_runs["data_root"]))
     assert result.returncode == 2, result
-    assert "different model configuration" in result.output, result
+    assert "another model" in result.output and "model.width: 32 -> 48" in result.output, result
     assert "--fresh" in result.output, result
     assert "Traceback" not in result.output, result
     assert {p.name: sha256(p) for p in run_dir.glob("*.pt")} == before, "the old checkpoints must be untouched"
@@ -213,31 +213,14 @@ def test_every_optimizer_listed_by_help_trains(tmp_path):
 
 
 # ---------------------------------------------------------------------------- cheap runs, all at once
-ERROR_CASES = {
-    # override: what the message must name
-    "optim.lrr=1": ["lrr"],  # refused by Hydra itself (not in the composed config)
-    "+optim.lrr=1": ["optim.lrr"],  # appended, then refused by the launcher's schema
-    "trainer.max_steps=abc": ["trainer.max_steps", "abc"],
-    "+model.widht=3": ["model.widht", "Accepted keys", "width", "num_layers"],
-    "trainer.precision=fp8": ["trainer.precision", "fp8"],
-}
-# train.py validates before building the dataset; pretrain.py validates inside fit(). Every case goes through
-# train.py, a Hydra-level and a schema-level one also through pretrain.py.
-RUNS = [("train.py", case) for case in ERROR_CASES] + [("pretrain.py", "optim.lrr=1"), ("pretrain.py", "+model.widht=3")]
-
-
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """Every invocation that should end before training, started together (they are independent)."""
+    """Invocations that end before training, started together (bad inputs: tests/test_reliability.py)."""
     base = tmp_path_factory.mktemp("quick")
     commands = {
         "cfg_job": ["pretrain.py", *paths(base / "cfg" / "ck"), "--cfg", "job"],
         "help": ["pretrain.py", "--help"],
-        "schema_keys": ["pretrain.py", "trainer.nproc_per_node=2", "trainer.max_epochs=2",
-                        "trainer.max_consecutive_nonfinite=3", *paths(base / "cfg" / "ck"), "--cfg", "job"],
     }
-    for i, (script, case) in enumerate(RUNS):
-        commands[(script, case)] = [script, *FAST, case, *paths(base / f"err{i}" / "ck")]
     return {"base": base, **run_parallel(commands)}
 
 
@@ -258,30 +241,6 @@ def test_help_lists_the_config_groups(quick):
     assert {"adamw", "adam", "adam_atan2", "sgd"} <= offered, optim_lines
     for group in ("model:", "data:", "trainer:", "grad_filter:", "experiment:", "debug:"):
         assert any(ln.strip().startswith(group) for ln in result.output.splitlines()), group
-
-
-def test_every_schema_key_can_be_overridden_without_plus(quick):
-    """utils/config/schema.py's TrainerConf keys are the documented options ("Full list of keys" in
-    conf/trainer/default.yaml), so `trainer.nproc_per_node=2` must work like `trainer.max_steps=2`."""
-    result = quick["schema_keys"]
-    assert result.returncode == 0, result
-    for line in ("nproc_per_node: 2", "max_epochs: 2", "max_consecutive_nonfinite: 3"):
-        assert line in result.output, result
-
-
-@pytest.mark.parametrize(("script", "case"), RUNS)
-def test_config_error_fails_fast_naming_the_key(quick, script, case):
-    result = quick[(script, case)]
-    if case == "optim.lrr=1" and script == "pretrain.py":
-        assert result.returncode != 0, result  # Hydra's own error and exit code
-    else:
-        assert result.returncode == 2, result
-    for needle in ERROR_CASES[case]:
-        assert needle in result.output, f"message should name {needle!r}\n{result}"
-    assert "Traceback" not in result.output, result
-    base = quick["base"] / f"err{RUNS.index((script, case))}"
-    assert pt_files(base) == [], "validation must fail before any checkpoint is written"
-    assert not list(base.rglob("COMPLETE")), "validation must fail before the dataset is built"
 
 
 # ------------------------------------------------------------------------------------------ torchrun

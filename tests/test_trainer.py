@@ -393,7 +393,7 @@ def test_evaluation_uses_the_ema_weights(tmp_path: Path, make_cfg) -> None:
 def test_exploding_sgd_raises_nonfinite_error(tmp_path: Path, make_cfg) -> None:
     cfg = make_cfg(tmp_path, "optim=sgd", "optim.lr=1e30", "trainer.grad_clip=null", "schedule.warmup_steps=0",
                    "++trainer.max_consecutive_nonfinite=3", "grad_filter=none")
-    with pytest.raises(NonFiniteError, match="3 consecutive non-finite steps"):
+    with pytest.raises(NonFiniteError, match="3 consecutive non-finite or diverging steps"):
         pretrain.fit(cfg)
     rd = run_dir(tmp_path)
     train = train_records(rd)
@@ -410,7 +410,7 @@ def test_nonfinite_loss_stops_after_the_limit_and_keeps_the_last_good_checkpoint
     assert good["train_state"]["step"] == 10
     # Resume the same run with a loss that is NaN at every step.
     cfg = make_cfg(tmp_path, "trainer.max_steps=20", "loss.terms.ce.weight=nan", "++trainer.max_consecutive_nonfinite=3")
-    with pytest.raises(NonFiniteError, match=r"3 consecutive non-finite steps \(trainer.max_consecutive_nonfinite=3\)"):
+    with pytest.raises(NonFiniteError, match=r"3 consecutive non-finite or diverging steps \(last: non-finite loss \(nan\); trainer.max_consecutive_nonfinite=3\)"):
         pretrain.fit(cfg)
     after = load(rd / "latest.pt")
     assert after["train_state"]["step"] == 10

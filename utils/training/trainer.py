@@ -110,6 +110,7 @@ class Trainer:
 
         self.ckpt = CheckpointManager(run_dir, keep_last=t.checkpoint.keep_last)
         self.last_good_checkpoint: tuple[Path, int] | None = None  # written (or resumed from) by this run
+        self._saved_steps: set[int] = set()  # checkpoints this run wrote itself
         self.resumed_run_ids: dict[str, str | None] = {}
         self.writer = MetricsWriter(None, enabled=False)  # opened in fit(), once a resumed run id is known
         self.figures: FigureMaker | None = None
@@ -417,6 +418,7 @@ class Trainer:
                 self.ckpt.save_named("ema_model.pt", {"model": self.ema.module.state_dict(), "step": self.state.step})
             log.info("Saved checkpoint %s", path)
         self.last_good_checkpoint = (self.ckpt.step_path(self.state.step), self.state.step)
+        self._saved_steps.add(self.state.step)
         barrier()
 
     def resume(self) -> bool:
@@ -632,9 +634,12 @@ class Trainer:
             )
 
     def _discard_checkpoint_before_the_streak(self) -> None:
-        """A streak starting right after a checkpoint: that checkpoint holds the weights that produced the first
-        non-finite step (a finite loss can still leave exploded weights behind), so it is not a good one."""
+        """A streak starting right after a checkpoint this run wrote: that checkpoint holds the weights that
+        produced the first non-finite step (a finite loss can still leave exploded weights behind), so it is not a
+        good one. The checkpoint a run resumed from is kept: the run before had continued from it."""
         if self.last_good_checkpoint is None or self.last_good_checkpoint[1] != self.state.step:
+            return
+        if self.state.step not in self._saved_steps:
             return
         path, step = self.last_good_checkpoint
         if self.dist.is_main:
