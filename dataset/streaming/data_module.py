@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dataset.base import require_int
+from dataset.errors import load_tensor_file
 from dataset.streaming.manifest import (
     MANIFEST_FILE,
     StreamingDatasetError,
@@ -311,11 +312,7 @@ class StreamingDataModule(Callback, abc.ABC):
             raise StreamingDatasetError(f"{self.root / consolidated_name(index)} is not in the manifest; {self.rebuild_hint}")
         entry = entries[index]
         path = self.root / entry["file"]
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # whatever the reason, the file is unusable
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            raise StreamingDatasetError(f"{path} could not be loaded ({type(e).__name__}: {first_line}); {self.rebuild_hint}") from e
+        data = load_tensor_file(path, StreamingDatasetError, self.rebuild_hint)
         spec = self._manifest["row_spec"]
         problems = []
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
