@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -483,11 +484,18 @@ def test_refresh_is_deterministic_and_resumes_the_recorded_count(code_dir: Path,
     }
 
 
-def test_setup_rejects_malformed_files_and_mismatched_config(code_dir: Path, tmp_path: Path) -> None:
+def test_setup_rejects_malformed_files_and_mismatched_config(
+    code_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     kwargs = tiny(code_dir)
     data = VisionUnifiedData(str(tmp_path), name="vu", **kwargs)
     data.prepare_data(incremental=False)  # foreground build
     assert read_manifest(data.root)["complete"]  # type: ignore[index]
+    caplog.set_level(logging.INFO, logger="dataset")
+    caplog.clear()
+    data.prepare_data()  # the trainer's checks of a complete dataset say nothing
+    data.prepare_data()
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("dataset")]
     with pytest.raises(DatasetMismatchError, match="--rebuild-dataset"):
         VisionUnifiedData(str(tmp_path), name="vu", **tiny(code_dir, target_len=32)).prepare_data()
     path = data.root / consolidated_name(1)

@@ -6,6 +6,7 @@ with the bitmask solver under test.
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -375,6 +376,15 @@ def test_build_once_rebuild_and_determinism(tmp_path: Path) -> None:
             params["givens"] = 12
         names.add(SudokuData(str(tmp_path), **params).root.name)
     assert len(names) == 6
+
+
+def test_the_summary_is_logged_once_by_the_build_not_by_the_checks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataset")
+    # What a run does: train.py prepares the data, then the trainer prepares it on rank 0 and once more to check.
+    for _ in range(3):
+        SudokuData(str(tmp_path), **SMALL).prepare_data()
+    summaries = [r for r in caplog.records if r.levelno >= logging.INFO and "'num_train': 180" in r.getMessage()]
+    assert len(summaries) == 1 and summaries[0].getMessage().startswith("Built dataset")
 
 
 def test_csv_splits_drop_validation_puzzles_seen_in_training(tmp_path: Path) -> None:

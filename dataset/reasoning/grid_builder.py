@@ -265,7 +265,7 @@ class GridPuzzleBuilder(DiskDatasetBuilder):
             **self.summary_stats((base_in, base_lab), (val_in, val_lab)),
             "build_seconds": round(time.monotonic() - start, 3),
         }
-        log.info(
+        log.debug(  # the summary, logged by DiskDatasetBuilder once the dataset is in place, has these counts
             "%s %dx%d: %d base training %ss x %d (augmented) = %d train rows, %d val %ss",
             self.TITLE, self.size, self.size, len(base_in), self.ITEM, self.num_aug + 1, len(train_in), len(val_in), self.ITEM,
         )

@@ -106,9 +106,10 @@ class PuzzleData:
         return self.builder.root
 
     def prepare_data(self, rebuild: bool = False, incremental: bool = True) -> None:
-        """Build the dataset once (`incremental` does not apply: it is written in one go)."""
-        summary = self.builder.build(rebuild=rebuild)
-        log.info("Dataset %s: %s", self.root, summary)
+        """Build the dataset once (`incremental` does not apply: it is written in one go).
+
+        The build logs the summary; train.py and the trainer call this again to check, quietly."""
+        self.builder.build(rebuild=rebuild)
 
     def setup(self) -> None:
         if not self.builder.is_complete():

@@ -138,7 +138,8 @@ class StreamingDataModule(Callback, abc.ABC):
         manifest = read_manifest(self.root)
         self.builder.check_params(manifest)
         if manifest is not None and manifest["complete"]:
-            log.info("Dataset %s is complete: %s", self.root, describe(manifest))
+            # Only a check (train.py, then the trainer twice): the build itself logged the dataset.
+            log.debug("Dataset %s is complete: %s", self.root, describe(manifest))
             return
         if not incremental:
             if self.builder.is_building():
@@ -150,7 +151,7 @@ class StreamingDataModule(Callback, abc.ABC):
         if not self.builder.is_building():
             self._spawn_builder()
         if manifest is not None and self._ready(manifest):
-            log.info("Dataset %s: %s; the builder goes on in the background", self.root, describe(manifest))
+            log.debug("Dataset %s: %s; the builder goes on in the background", self.root, describe(manifest))
             return
         manifest = self._wait(self._ready, f"{consolidated_name(self.val_files - 1)} was written")
         log.info("Dataset %s: %s; training can start, the builder goes on in the background", self.root, describe(manifest))
