@@ -25,7 +25,7 @@ import torch
 from tests.cli_helpers import ENV, REPO_ROOT, TINY, paths, read_metrics
 from tests.conftest import compose_config
 from utils.monitoring import report
-from utils.monitoring.plots import FigureMaker, make_plots
+from utils.monitoring.plots import FigureMaker, figure_keys, make_plots, metric_panels, series_of
 from utils.monitoring.progress import PROGRESS_LINE, Progress, peak_memory_mib, token_count
 from utils.monitoring.trackers import REDACTED, scrub_secrets
 
@@ -249,9 +249,47 @@ def test_figure_maker_draws_calls_the_family_hook_and_logs_images(tmp_path):
                         min_interval_s=3600)
     assert maker.maybe(10) == {}  # rate-limited: the first figures come min_interval_s after the start
     images = maker.now(79)
-    assert set(images) == {"loss", "lr", "grad_norm", "val_metrics", "attention"}
+    assert set(images) == {"loss", "lr", "grad_norm", "val_metrics", "attention"}  # no model metrics: no train_metrics
     assert logged == [(79, images)] and all(p.exists() for p in images.values())
     assert set(make_plots(tmp_path / "missing")) == set()
+
+
+def _records_of_a_recursive_model() -> list[dict]:
+    """Losses, a term equal to the total, model metrics (act/...) and evaluator metrics, with a stage change."""
+    records = []
+    for s in range(1, 101):
+        records.append({"step": s, "kind": "train", "train/loss": 4.0 / s, "train/ce": 4.0 / s, "train/act/steps": 3.0,
+                        "train/grad_norm": 1.0, "lr/main": 1e-3})
+        if s % 10 == 0:
+            records.append({"step": s, "kind": "val", "val/loss": 4.0 / s, "val/ce": 4.0 / s, "val/acc": s / 100,
+                            "val/act/steps": 3.5, "val/perplexity": 50.0 + s})
+    records.append({"step": 50, "kind": "event", "event": "stage", "stage": 1, "name": "hard"})
+    return records
+
+
+def test_each_metric_goes_to_one_figure():
+    records = _records_of_a_recursive_model()
+    keys = figure_keys(series_of(records, "train"), series_of(records, "val"))
+    assert keys["loss_train"] == ["train/loss"] and keys["loss_val"] == ["val/loss"]  # ce == loss: one line
+    assert keys["val_metrics"] == ["val/acc", "val/act/steps", "val/perplexity"]  # not val/ce, a loss
+    assert keys["train_metrics"] == ["train/act/steps"]  # a model metric, not a loss term
+    assert keys["grad_norm"] == ["train/grad_norm"] and keys["lr"] == ["lr/main"]
+
+
+def test_validation_metrics_get_a_panel_each_with_its_own_axis_and_the_stage_line(tmp_path):
+    records = _records_of_a_recursive_model()
+    val = series_of(records, "val")
+    fig = metric_panels("validation metrics", ["val/acc", "val/act/steps", "val/perplexity", "val/ce"], val, [(50, "hard")])
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["val/acc", "val/act/steps", "val/perplexity", "val/ce"]
+    assert len(fig.axes) == 6  # a 2 x 3 grid, the last two slots hidden
+    limits = {ax.get_title(): ax.get_ylim() for ax in panels}
+    assert limits["val/acc"][0] < 0.1 and limits["val/acc"][1] < 1.1  # 0.1 .. 1.0, not squashed by perplexity's 60+
+    assert limits["val/perplexity"][0] > 50 and limits["val/ce"][1] < 0.5
+    for ax in panels:  # the stage change is marked on every panel
+        assert any(list(line.get_xdata()) == [50, 50] for line in ax.get_lines()), ax.get_title()
+    # Every column's lowest panel is labelled "step" (the grid shares the x axis).
+    assert [ax.get_xlabel() for ax in panels] == ["", "step", "step", "step"]
 
 
 # -------------------------------------------------------------------------------------------- progress
