@@ -227,6 +227,39 @@ def test_report_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert report.main([str(tmp_path / "missing")]) == 2
 
 
+def _run_dir_with_evaluations(path: Path, accuracies: list[float], min_delta: float) -> Path:
+    """A run directory as the trainer leaves it without a checkpoint: metrics.jsonl and .hydra/config.yaml."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(
+        f"trainer:\n  monitor: val/acc\n  monitor_mode: max\n  early_stopping:\n    min_delta: {min_delta}\n"
+    )
+    records = [{"step": 10 * (i + 1), "kind": "val", "val/acc": acc} for i, acc in enumerate(accuracies)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_report_picks_the_best_step_by_the_trainers_min_delta_rule(tmp_path):
+    # 0.54 beats 0.50 by less than min_delta=0.05: the trainer keeps step 10; 0.56 beats it by more.
+    accuracies = [0.50, 0.54, 0.52, 0.56, 0.58]
+    lines = report.summarize(_run_dir_with_evaluations(tmp_path / "strict", accuracies, min_delta=0.05))
+    assert "best val/acc (max): 0.56 at step 40" in lines
+    lines = report.summarize(_run_dir_with_evaluations(tmp_path / "any", accuracies, min_delta=0.0))
+    assert "best val/acc (max): 0.58 at step 50" in lines
+    lines = report.summarize(_run_dir_with_evaluations(tmp_path / "nan", [float("nan"), 0.3], min_delta=0.0))
+    assert "best val/acc (max): 0.3 at step 20" in lines  # a NaN evaluation is never the best
+
+
+def test_report_takes_the_best_step_and_min_delta_from_the_checkpoint(tmp_path):
+    run_dir = _run_dir_with_evaluations(tmp_path / "run", [0.50, 0.54, 0.52], min_delta=0.0)
+    # The checkpoint's config (the last session's) wins over .hydra/config.yaml, its train_state over both.
+    config = {"trainer": {"monitor": "val/acc", "monitor_mode": "max", "early_stopping": {"min_delta": 0.05}}}
+    torch.save({"config": config, "train_state": {"step": 30}}, run_dir / "latest.pt")
+    assert "best val/acc (max): 0.5 at step 10" in report.summarize(run_dir)
+    torch.save({"config": config, "train_state": {"step": 30, "best_metric": 0.52, "best_step": 30}}, run_dir / "latest.pt")
+    lines = report.summarize(run_dir)
+    assert "best val/acc (max): 0.52 at step 30" in lines and "steps:           30" in lines
+
+
 def test_figure_maker_draws_calls_the_family_hook_and_logs_images(tmp_path):
     records = [{"step": s, "kind": "train", "train/loss": 3.0 / s, "train/ce": 2.0 / s, "train/aux": 1.0 / s,
                 "train/grad_norm": 1.0, "train/grad_norm/body": 0.5, "lr/main": 1e-3 * s} for s in range(1, 80)]
