@@ -60,6 +60,8 @@ def test_data_module_config_checks_name_the_key(tmp_path: Path) -> None:
         VisionUnifiedData(str(tmp_path), name="../elsewhere")
     with pytest.raises(ConfigError, match=r"data\.val_every must be an integer >= 2"):
         VisionUnifiedData(str(tmp_path), name="vu", val_every=1)
+    with pytest.raises(ConfigError, match=r"data\.font_size 300 does not fit a data\.image_size=\[64, 128\] image"):
+        VisionUnifiedData(str(tmp_path), name="vu", font_size=300)
 
 
 def test_instantiate_data_raises_the_constructors_config_error_and_wraps_nothing_else() -> None:

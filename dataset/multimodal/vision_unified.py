@@ -35,7 +35,7 @@ from dataset.multimodal.sources import (
     resolve_source_path,
 )
 from dataset.multimodal.story_generator import write_stories
-from dataset.multimodal.text_renderer import render_grid, render_grid_panel, render_text
+from dataset.multimodal.text_renderer import render_grid, render_grid_panel, render_text, text_capacity
 from dataset.multimodal.tokens import EOS_TOKEN, IGNORE_INDEX, SOURCE_IDS
 from dataset.reasoning.arc import subset_files
 from dataset.streaming.manifest import StreamingDatasetError, write_json
@@ -143,6 +143,12 @@ class VisionUnifiedBuilder(StreamingDatasetBuilder):
             raise ConfigError(f"data.image_size must be [H, W] with sides >= 8, got {image_size!r}")
         self.image_size = (size[0], size[1])
         self.font_size = require_int("data.font_size", font_size, 4)
+        try:  # checked here, not at the first rendered example in the background builder
+            lines, columns = text_capacity(self.image_size, self.font_size)
+        except ValueError as e:
+            raise ConfigError(f"data.font_size: {e}") from None
+        if lines < 1 or columns < 1:
+            raise ConfigError(f"data.font_size {font_size} does not fit a data.image_size={list(self.image_size)} image")
         self.context_chars = require_int("data.context_chars", context_chars, 1)
         self.text_stride = require_int("data.text_stride", text_stride, 1)
         self.context_lines = require_int("data.context_lines", context_lines, 1)
