@@ -281,6 +281,14 @@ def test_bad_csv_row_exits_2_without_a_traceback(tmp_path: Path) -> None:
     assert f"{path}:3: the solution has '9' at position 16; expected 1..4" in result.output, result
 
 
+def test_a_csv_of_another_size_says_which_data_size_to_set(tmp_path: Path) -> None:
+    path = tmp_path / "six.csv"
+    path.write_text("puzzle,solution\n" + ",".join(_row(*_puzzle_and_solution(6, 0))) + "\n")
+    with pytest.raises(SudokuFileError, match=r"six\.csv:2: the puzzle has 36 characters, expected 16 for a 4x4 Sudoku; "
+                       r"for 6x6 Sudokus set data\.size=6"):
+        load_csv(path, 4)
+
+
 def test_inconsistent_solution_is_reported(tmp_path: Path) -> None:
     # A valid grid that is not the puzzle's solution: swapping two digits everywhere keeps it valid.
     puzzle, solution = _puzzle_and_solution(4, 0)

@@ -315,7 +315,9 @@ def is_consistent(puzzle: np.ndarray, solution: np.ndarray) -> bool:
 def _parse_grid(text: str, n: int, allow_blanks: bool, what: str, where: str) -> np.ndarray:
     text = text.strip()
     if len(text) != n * n:
-        raise SudokuFileError(f"{where}: {what} has {len(text)} characters, expected {n * n} for a {n}x{n} Sudoku")
+        other = math.isqrt(len(text))
+        hint = f"; for {other}x{other} Sudokus set data.size={other}" if other in BOX_SHAPES and other * other == len(text) else ""
+        raise SudokuFileError(f"{where}: {what} has {len(text)} characters, expected {n * n} for a {n}x{n} Sudoku{hint}")
     digits = []
     for i, ch in enumerate(text):
         if ch in BLANK_CHARS and allow_blanks:
