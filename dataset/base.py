@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Self
 
+from dataset.errors import REBUILD_HINT, DatasetFileError, not_utf8_message
+from utils.config.errors import ConfigError
 from utils.storage.locks import FileLock, LockHolder, is_locked, lock_holder
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,9 @@ BUILD_HINT = "build it with `python train.py --dataset-only` (add `--rebuild-dat
 
 
 def require_int(key: str, value: Any, minimum: int) -> int:
-    """`value` when it is an integer >= `minimum` (a bool is not), else ValueError naming `key`."""
+    """`value` when it is an integer >= `minimum` (a bool is not), else ConfigError naming `key`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -130,16 +132,19 @@ class DiskDatasetBuilder(DatasetBuilder):
 
     def read_summary(self) -> dict:
         """The summary stored in the marker of a complete dataset."""
+        path = self.marker_path
         try:
-            with open(self.marker_path, encoding="utf-8") as f:
-                return json.load(f)
+            with open(path, encoding="utf-8") as f:
+                summary = json.load(f)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"dataset at {self.root} is not built; {BUILD_HINT}") from e
+        except UnicodeDecodeError as e:
+            raise DatasetFileError(not_utf8_message(path, fix=REBUILD_HINT)) from e
         except json.JSONDecodeError as e:
-            raise RuntimeError(
-                f"marker {self.marker_path} is not valid JSON ({e}); "
-                "rebuild the dataset with `python train.py --dataset-only --rebuild-dataset`"
-            ) from e
+            raise DatasetFileError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); {REBUILD_HINT}") from e
+        if not isinstance(summary, dict):
+            raise DatasetFileError(f"{path}: expected a JSON object, got {type(summary).__name__}; {REBUILD_HINT}")
+        return summary
 
     def build(self, rebuild: bool = False) -> dict:
         """Build the dataset unless it is already complete; return its summary.

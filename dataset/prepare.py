@@ -11,13 +11,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from utils.config.errors import ConfigError
 from utils.training.curriculum import Curriculum
 
 if TYPE_CHECKING:
     from utils.contract import DataModule
+
+
+def instantiate_data(data_cfg: DictConfig) -> DataModule:
+    """The data module `data_cfg` describes. A ConfigError of its constructor (`data.p must be a prime`) is
+    raised as it is: Hydra would wrap it in an InstantiationException, which the entry points cannot tell
+    from a bug."""
+    try:
+        return instantiate(data_cfg)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
 
 
 def prepare_dataset(cfg: DictConfig, rebuild: bool = False, incremental: bool = True) -> list[DataModule]:
@@ -30,7 +44,7 @@ def prepare_dataset(cfg: DictConfig, rebuild: bool = False, incremental: bool = 
         if plain in seen:
             continue
         seen.append(plain)
-        data = instantiate(data_cfg)
+        data = instantiate_data(data_cfg)
         data.prepare_data(rebuild=rebuild, incremental=incremental)
         modules.append(data)
     return modules

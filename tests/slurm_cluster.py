@@ -6,9 +6,11 @@
 2. writes /etc/slurm/slurm.conf for this node (from `slurmd -C`): no cgroups (proctrack/linuxproc,
    task/none), cons_tres, NodeAddr=127.0.0.1, and short timers so a requeued job restarts in seconds
    (AuthInfo=cred_expire=5, sched_interval=2, bf_interval=1, KillWait=5);
-3. starts munged, slurmctld and slurmd (as daemons: they outlive the test session) and waits until
-   `scontrol ping` says UP and `sinfo` shows the node idle.
-An already running cluster with this configuration is reused as it is.
+3. starts munged, slurmctld and slurmd (as daemons) and waits until `scontrol ping` says UP and
+   `sinfo` shows the node idle.
+An already running cluster with this configuration is reused as it is. The `slurm_cluster` fixture
+stops, at the end of the session, exactly the daemons it started (`Cluster.started`): a cluster that
+was up before the tests is left running, one the tests brought up is gone afterwards.
 
 No accounting (slurmdbd + mariadb would add about a minute of installation on a fresh machine): the
 tests do not need `sacct`. submitit then only sees results files and logs "Bypassing sacct error" on
@@ -18,7 +20,8 @@ so the tests bound every wait themselves and cancel their jobs.
 `slurm_cluster` is the session-scoped pytest fixture. It skips, printing why, only where a cluster
 cannot be made: not Linux, not root, or no apt-get. With CI=true it fails instead of skipping.
 
-By hand: `python -m tests.slurm_cluster [up|status|down]` (as root).
+By hand: `python -m tests.slurm_cluster [up|status|down]` (as root; `up` leaves the daemons running, so
+the tests that follow reuse them and leave them running too).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +50,12 @@ LOG_DIR = Path("/var/log/slurm")
 MUNGE_RUN = Path("/run/munge")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 PARTITION = "debug"
+# Where each daemon writes its pid (slurm.conf below names the first two; munged's is its default).
+PID_FILES = {
+    "munged": MUNGE_RUN / "munged.pid",
+    "slurmctld": Path("/run/slurmctld.pid"),
+    "slurmd": Path("/run/slurmd.pid"),
+}
 
 
 class ClusterUnavailable(RuntimeError):
@@ -58,6 +68,7 @@ class Cluster:
     partition: str = PARTITION
     reused: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # seconds per set-up stage
+    started: list[str] = field(default_factory=list)  # daemons `ensure_cluster` started, in order (PID_FILES keys)
 
     @staticmethod
     def cmd(*args: str, check: bool = True, timeout: float = 30) -> str:
@@ -144,9 +155,10 @@ def _munge_ok() -> bool:
         return False
 
 
-def _start_munge() -> None:
+def _start_munge() -> bool:
+    """Make munge work; True when that took starting munged."""
     if _munge_ok():
-        return
+        return False
     MUNGE_RUN.mkdir(parents=True, exist_ok=True)
     shutil.chown(MUNGE_RUN, "munge", "munge")
     MUNGE_RUN.chmod(0o755)
@@ -163,6 +175,7 @@ def _start_munge() -> None:
     if res.returncode != 0:
         raise ClusterUnavailable(f"munged did not start: {res.stderr.strip()}")
     _wait(_munge_ok, 15, "munge to work")
+    return True
 
 
 def _node_line(node: str) -> str:
@@ -261,16 +274,27 @@ def _pid_alive(pid_file: Path) -> int | None:
     return None if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X") else pid
 
 
+def stop_pid_file(pid_file: Path, timeout: float = 15) -> bool:
+    """SIGTERM the process named by `pid_file` and wait until it is gone; False when none was running."""
+    pid = _pid_alive(pid_file)
+    if pid is None:
+        return False
+    os.kill(pid, 15)
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid_file) == pid and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return True
+
+
 def _stop_daemons() -> None:
     """Stop the slurmctld/slurmd started from our pid files (only those processes)."""
-    for pid_file in (Path("/run/slurmd.pid"), Path("/run/slurmctld.pid")):
-        pid = _pid_alive(pid_file)
-        if pid is None:
-            continue
-        os.kill(pid, 15)
-        deadline = time.monotonic() + 15
-        while _pid_alive(pid_file) == pid and time.monotonic() < deadline:
-            time.sleep(0.1)
+    for name in ("slurmd", "slurmctld"):
+        stop_pid_file(PID_FILES[name])
+
+
+def stop_started(cluster: Cluster, pid_files: dict[str, Path] = PID_FILES) -> list[str]:
+    """Stop the daemons `ensure_cluster` started, the last started first; returns the ones that were running."""
+    return [name for name in reversed(cluster.started) if stop_pid_file(pid_files[name])]
 
 
 def _start_daemon(name: str, log_file: Path) -> None:
@@ -291,6 +315,7 @@ def ensure_cluster(log=print) -> Cluster:
     t0 = time.monotonic()
     if os.geteuid() != 0:  # a running cluster that is not ours: use it as it is
         return Cluster(node=node, reused=True, timings=timings)
+    started: list[str] = []
     if _missing_binaries():
         log(f"Installing {' '.join(PACKAGES)} with apt-get ...")
         _install(log)
@@ -306,11 +331,12 @@ def ensure_cluster(log=print) -> Cluster:
             f"{CONF} exists and was not written by the tests; not overwriting it. Move it aside to let the tests "
             "set up their own single-node cluster."
         )
-    _start_munge()
+    if _start_munge():
+        started.append("munged")
     if current == conf and _ping_up() and _node_usable(node):
         log(f"Reusing the running SLURM cluster (node {node}: {_node_state(node)}).")
         timings["start_s"] = time.monotonic() - t1
-        return Cluster(node=node, reused=True, timings=timings)
+        return Cluster(node=node, reused=True, timings=timings, started=started)
     if current != conf:
         _stop_daemons()
         CONF_DIR.mkdir(parents=True, exist_ok=True)
@@ -318,11 +344,13 @@ def ensure_cluster(log=print) -> Cluster:
     for d in (STATE_DIR, SPOOL_DIR, LOG_DIR):
         d.mkdir(parents=True, exist_ok=True)
     if not _ping_up():
-        if _pid_alive(Path("/run/slurmctld.pid")) is None:
+        if _pid_alive(PID_FILES["slurmctld"]) is None:
             _start_daemon("slurmctld", LOG_DIR / "slurmctld.log")
+            started.append("slurmctld")
         _wait(_ping_up, 30, "`scontrol ping` to report slurmctld UP", LOG_DIR / "slurmctld.log")
-    if _pid_alive(Path("/run/slurmd.pid")) is None:
+    if _pid_alive(PID_FILES["slurmd"]) is None:
         _start_daemon("slurmd", LOG_DIR / "slurmd.log")
+        started.append("slurmd")
     state = _node_state(node)
     if state.startswith(("down", "drain", "fail")):  # e.g. left down by an earlier crash
         Cluster.cmd("scontrol", "update", f"NodeName={node}", "State=RESUME", check=False)
@@ -330,7 +358,7 @@ def ensure_cluster(log=print) -> Cluster:
           f"node {node} to be idle in sinfo (now {_node_state(node)!r})", LOG_DIR / "slurmd.log")
     timings["start_s"] = time.monotonic() - t1
     log(f"SLURM cluster up: node {node} {_node_state(node)} ({', '.join(f'{k} {v:.1f}' for k, v in timings.items())}).")
-    return Cluster(node=node, reused=False, timings=timings)
+    return Cluster(node=node, reused=False, timings=timings, started=started)
 
 
 def _on_ci() -> bool:
@@ -338,16 +366,26 @@ def _on_ci() -> bool:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Cluster:
-    """A running single-node SLURM cluster (skips with the reason where none can be made; fails on CI)."""
+def slurm_cluster() -> Iterator[Cluster]:
+    """A running single-node SLURM cluster (skips with the reason where none can be made; fails on CI).
+
+    At the end of the session it stops the daemons it started; a cluster that was already up stays up."""
+
+    def log(msg: str) -> None:
+        print(f"[slurm_cluster] {msg}", flush=True)
+
     try:
-        return ensure_cluster(log=lambda msg: print(f"[slurm_cluster] {msg}", flush=True))
+        cluster = ensure_cluster(log=log)
     except ClusterUnavailable as err:
         reason = f"no SLURM cluster: {err}"
-        print(f"[slurm_cluster] {reason}", flush=True)
+        log(reason)
         if _on_ci():
             pytest.fail(f"{reason} (CI=true: the SLURM tests must run)", pytrace=False)
         pytest.skip(reason)
+    yield cluster
+    if cluster.started:
+        stopped = stop_started(cluster)
+        log(f"Stopped {', '.join(stopped) or 'nothing (already gone)'}: started for these tests.")
 
 
 def main(argv: list[str]) -> int:

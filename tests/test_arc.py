@@ -37,13 +37,16 @@ from dataset.reasoning.arc import (
     encode_label,
     inverse_dihedral,
     invert_colors,
+    load_arc_tasks,
     random_color_permutation,
     task_augmentations,
     unaugment_grid,
 )
+from dataset.prepare import instantiate_data
 from dataset.reasoning.puzzles import IGNORE_LABEL, check_split, load_split
 from tests.conftest import compose_config, trainer_stand_in
 from dataset.reasoning.arc_evaluator import ArcEvaluator
+from utils.config.errors import ConfigError
 from utils.config.validation import validate_config
 
 ARC_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "arc"
@@ -276,6 +279,10 @@ def _colour_12(d: dict) -> None:
     d["aaaa0002"]["test"][1]["input"] = [[1, 12]]
 
 
+def _colour_11(d: dict) -> None:
+    d["bbbb0001"]["train"][0]["output"] = [[0, 1], [11, 2]]
+
+
 def _too_large(d: dict) -> None:
     d["bbbb0001"]["train"][0]["output"] = [[0] * 31]
 
@@ -301,13 +308,14 @@ def _bool_cell(d: dict) -> None:
     [
         ("evaluation_challenges", _ragged, [r"task 'bbbb0002', train pair 1, input", "rectangular"]),
         ("training_challenges", _colour_12, [r"task 'aaaa0002', test pair 1, input", "12", r"0\.\.9"]),
+        ("evaluation_challenges", _colour_11, [r"task 'bbbb0001', train pair 0, output: cell \(1, 0\) is 11", r"0\.\.9"]),
         ("evaluation_challenges", _too_large, [r"task 'bbbb0001', train pair 0, output", "1x31", "30x30"]),
         ("training_challenges", _no_test, [r"task 'aaaa0001'", "'test'"]),
         ("evaluation_solutions", _drop_solution, [r"task 'bbbb0002'", "no solutions"]),
         ("training_solutions", _short_solutions, [r"task 'aaaa0002', test pair 1", "no solution"]),
         ("evaluation_challenges", _bool_cell, [r"task 'bbbb0001', test pair 0, input", "True"]),
     ],
-    ids=["ragged", "colour12", "too_large", "no_test", "missing_solution", "short_solutions", "bool_cell"],
+    ids=["ragged", "colour12", "colour11", "too_large", "no_test", "missing_solution", "short_solutions", "bool_cell"],
 )
 def test_malformed_files_name_the_file_and_task(tmp_path: Path, file: str, edit: Any, expected: list[str]) -> None:
     arc_dir = _write_arc_dir(tmp_path / "arc")
@@ -320,6 +328,7 @@ def test_malformed_files_name_the_file_and_task(tmp_path: Path, file: str, edit:
     dm = ArcData(data_root=str(tmp_path / "data"), arc_dir=str(arc_dir), num_aug=1)
     with pytest.raises(ArcFormatError) as info:
         dm.prepare_data()
+    assert isinstance(info.value, ConfigError)  # the entry points exit 2 with this message, no traceback
     message = str(info.value)
     assert str(path) in message
     for pattern in expected:
@@ -331,19 +340,40 @@ def test_truncated_json_names_the_file_and_position(tmp_path: Path) -> None:
     arc_dir = _write_arc_dir(tmp_path / "arc")
     path = arc_dir / "arc-agi_training_challenges.json"
     path.write_text(path.read_text()[:57])
-    with pytest.raises(ArcFormatError, match=rf"{path}.*not valid JSON.*line 1, column"):
+    with pytest.raises(ArcFormatError, match=rf"{path}.*not valid JSON.*line 1, column.*download the file again"):
         ArcData(data_root=str(tmp_path / "data"), arc_dir=str(arc_dir)).prepare_data()
 
 
+def test_non_utf8_json_names_the_file_and_line(tmp_path: Path) -> None:
+    arc_dir = _write_arc_dir(tmp_path / "arc")
+    path = arc_dir / "arc-agi_evaluation_solutions.json"
+    path.write_bytes(b'{"bbbb0001":\n[[[1]]],\n"caf\xe9": []}')  # a Latin-1 task id on line 3
+    with pytest.raises(ArcFormatError, match=rf"{path}:3: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+        ArcData(data_root=str(tmp_path / "data"), arc_dir=str(arc_dir)).prepare_data()
+
+
+def test_damaged_task_list_says_to_rebuild(tmp_path: Path) -> None:
+    dm = ArcData(data_root=str(tmp_path / "data"), arc_dir=str(_write_arc_dir(tmp_path / "arc")), num_aug=1)
+    dm.prepare_data()
+    dm.tasks_path.write_text('{"tasks": [{"id": "aaaa0001",')
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(dm.tasks_path))}:1: not valid JSON .*--rebuild-dataset"):
+        load_arc_tasks(dm.tasks_path)
+    dm.tasks_path.write_text('{"tasks": [{"id": 7}]}')
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(dm.tasks_path))}: expected .*--rebuild-dataset"):
+        load_arc_tasks(dm.tasks_path)
+
+
 def test_missing_arc_dir_or_files_say_how_to_set_it(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"data\.arc_dir=/path/to/arc-prize-files"):
+    with pytest.raises(ConfigError, match=r"data\.arc_dir=/path/to/arc-prize-files"):
         ArcData(data_root=str(tmp_path), arc_dir=None)
     arc_dir = _write_arc_dir(tmp_path / "arc")
     (arc_dir / "arc-agi_evaluation_solutions.json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"arc-agi_evaluation_solutions\.json.*data\.arc_dir="):
+    with pytest.raises(ConfigError, match=r"arc-agi_evaluation_solutions\.json.*data\.arc_dir="):
         ArcData(data_root=str(tmp_path), arc_dir=str(arc_dir))
-    with pytest.raises(ValueError, match="train_subsets"):
+    with pytest.raises(ConfigError, match=r"data\.train_subsets lists a subset twice"):
         ArcData(data_root=str(tmp_path), arc_dir=str(arc_dir), train_subsets=["training", "training"])
+    with pytest.raises(ConfigError, match=r"data\.num_aug must be an integer >= 0"):
+        ArcData(data_root=str(tmp_path), arc_dir=str(arc_dir), num_aug=-1)
 
 
 def test_synthetic_tasks_with_eval_subset_outside_train_subsets(tmp_path: Path) -> None:
@@ -587,5 +617,5 @@ def test_hydra_composed_data_module_and_evaluators(tmp_path: Path) -> None:
 def test_config_without_arc_dir_fails_with_the_fix() -> None:
     cfg = compose_config("run_name=test", "data=reasoning/arc", "evaluators=reasoning/arc")
     validate_config(cfg)  # the yaml itself is valid; the missing directory is reported at instantiation
-    with pytest.raises(Exception, match=r"data\.arc_dir=/path/to/arc-prize-files"):
-        instantiate(cfg.data)
+    with pytest.raises(ConfigError, match=r"data\.arc_dir=/path/to/arc-prize-files"):
+        instantiate_data(cfg.data)  # the constructor's ConfigError, not Hydra's InstantiationException around it

@@ -25,7 +25,7 @@ import torch
 from tests.cli_helpers import ENV, REPO_ROOT, TINY, paths, read_metrics
 from tests.conftest import compose_config
 from utils.monitoring import report
-from utils.monitoring.plots import FigureMaker, make_plots
+from utils.monitoring.plots import FigureMaker, figure_keys, make_plots, metric_panels, series_of
 from utils.monitoring.progress import PROGRESS_LINE, Progress, peak_memory_mib, token_count
 from utils.monitoring.trackers import REDACTED, scrub_secrets
 
@@ -227,6 +227,39 @@ def test_report_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert report.main([str(tmp_path / "missing")]) == 2
 
 
+def _run_dir_with_evaluations(path: Path, accuracies: list[float], min_delta: float) -> Path:
+    """A run directory as the trainer leaves it without a checkpoint: metrics.jsonl and .hydra/config.yaml."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(
+        f"trainer:\n  monitor: val/acc\n  monitor_mode: max\n  early_stopping:\n    min_delta: {min_delta}\n"
+    )
+    records = [{"step": 10 * (i + 1), "kind": "val", "val/acc": acc} for i, acc in enumerate(accuracies)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_report_picks_the_best_step_by_the_trainers_min_delta_rule(tmp_path):
+    # 0.54 beats 0.50 by less than min_delta=0.05: the trainer keeps step 10; 0.56 beats it by more.
+    accuracies = [0.50, 0.54, 0.52, 0.56, 0.58]
+    lines = report.summarize(_run_dir_with_evaluations(tmp_path / "strict", accuracies, min_delta=0.05))
+    assert "best val/acc (max): 0.56 at step 40" in lines
+    lines = report.summarize(_run_dir_with_evaluations(tmp_path / "any", accuracies, min_delta=0.0))
+    assert "best val/acc (max): 0.58 at step 50" in lines
+    lines = report.summarize(_run_dir_with_evaluations(tmp_path / "nan", [float("nan"), 0.3], min_delta=0.0))
+    assert "best val/acc (max): 0.3 at step 20" in lines  # a NaN evaluation is never the best
+
+
+def test_report_takes_the_best_step_and_min_delta_from_the_checkpoint(tmp_path):
+    run_dir = _run_dir_with_evaluations(tmp_path / "run", [0.50, 0.54, 0.52], min_delta=0.0)
+    # The checkpoint's config (the last session's) wins over .hydra/config.yaml, its train_state over both.
+    config = {"trainer": {"monitor": "val/acc", "monitor_mode": "max", "early_stopping": {"min_delta": 0.05}}}
+    torch.save({"config": config, "train_state": {"step": 30}}, run_dir / "latest.pt")
+    assert "best val/acc (max): 0.5 at step 10" in report.summarize(run_dir)
+    torch.save({"config": config, "train_state": {"step": 30, "best_metric": 0.52, "best_step": 30}}, run_dir / "latest.pt")
+    lines = report.summarize(run_dir)
+    assert "best val/acc (max): 0.52 at step 30" in lines and "steps:           30" in lines
+
+
 def test_figure_maker_draws_calls_the_family_hook_and_logs_images(tmp_path):
     records = [{"step": s, "kind": "train", "train/loss": 3.0 / s, "train/ce": 2.0 / s, "train/aux": 1.0 / s,
                 "train/grad_norm": 1.0, "train/grad_norm/body": 0.5, "lr/main": 1e-3 * s} for s in range(1, 80)]
@@ -249,9 +282,47 @@ def test_figure_maker_draws_calls_the_family_hook_and_logs_images(tmp_path):
                         min_interval_s=3600)
     assert maker.maybe(10) == {}  # rate-limited: the first figures come min_interval_s after the start
     images = maker.now(79)
-    assert set(images) == {"loss", "lr", "grad_norm", "val_metrics", "attention"}
+    assert set(images) == {"loss", "lr", "grad_norm", "val_metrics", "attention"}  # no model metrics: no train_metrics
     assert logged == [(79, images)] and all(p.exists() for p in images.values())
     assert set(make_plots(tmp_path / "missing")) == set()
+
+
+def _records_of_a_recursive_model() -> list[dict]:
+    """Losses, a term equal to the total, model metrics (act/...) and evaluator metrics, with a stage change."""
+    records = []
+    for s in range(1, 101):
+        records.append({"step": s, "kind": "train", "train/loss": 4.0 / s, "train/ce": 4.0 / s, "train/act/steps": 3.0,
+                        "train/grad_norm": 1.0, "lr/main": 1e-3})
+        if s % 10 == 0:
+            records.append({"step": s, "kind": "val", "val/loss": 4.0 / s, "val/ce": 4.0 / s, "val/acc": s / 100,
+                            "val/act/steps": 3.5, "val/perplexity": 50.0 + s})
+    records.append({"step": 50, "kind": "event", "event": "stage", "stage": 1, "name": "hard"})
+    return records
+
+
+def test_each_metric_goes_to_one_figure():
+    records = _records_of_a_recursive_model()
+    keys = figure_keys(series_of(records, "train"), series_of(records, "val"))
+    assert keys["loss_train"] == ["train/loss"] and keys["loss_val"] == ["val/loss"]  # ce == loss: one line
+    assert keys["val_metrics"] == ["val/acc", "val/act/steps", "val/perplexity"]  # not val/ce, a loss
+    assert keys["train_metrics"] == ["train/act/steps"]  # a model metric, not a loss term
+    assert keys["grad_norm"] == ["train/grad_norm"] and keys["lr"] == ["lr/main"]
+
+
+def test_validation_metrics_get_a_panel_each_with_its_own_axis_and_the_stage_line(tmp_path):
+    records = _records_of_a_recursive_model()
+    val = series_of(records, "val")
+    fig = metric_panels("validation metrics", ["val/acc", "val/act/steps", "val/perplexity", "val/ce"], val, [(50, "hard")])
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["val/acc", "val/act/steps", "val/perplexity", "val/ce"]
+    assert len(fig.axes) == 6  # a 2 x 3 grid, the last two slots hidden
+    limits = {ax.get_title(): ax.get_ylim() for ax in panels}
+    assert limits["val/acc"][0] < 0.1 and limits["val/acc"][1] < 1.1  # 0.1 .. 1.0, not squashed by perplexity's 60+
+    assert limits["val/perplexity"][0] > 50 and limits["val/ce"][1] < 0.5
+    for ax in panels:  # the stage change is marked on every panel
+        assert any(list(line.get_xdata()) == [50, 50] for line in ax.get_lines()), ax.get_title()
+    # Every column's lowest panel is labelled "step" (the grid shares the x axis).
+    assert [ax.get_xlabel() for ax in panels] == ["", "step", "step", "step"]
 
 
 # -------------------------------------------------------------------------------------------- progress

@@ -28,6 +28,7 @@ from dataset.reasoning.maze import (
     write_mazes,
 )
 from tests.conftest import compose_config
+from utils.config.errors import ConfigError
 from utils.config.validation import validate_config
 
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5
@@ -180,7 +181,18 @@ def test_malformed_maze_files_name_file_and_line(tmp_path: Path, bad_maze: str, 
     path.write_text(GOOD + "\n\n\n" + bad_maze + "\n")
     with pytest.raises(MazeFileError, match=message) as info:
         load_mazes(path, 7)
+    assert isinstance(info.value, ConfigError)  # the entry points exit 2 with this message, no traceback
     assert f"{path}:{10 + row}:" in str(info.value)
+
+
+def test_non_utf8_maze_file_names_the_file_line_and_fix(tmp_path: Path) -> None:
+    path = tmp_path / "mazes.txt"
+    lines = GOOD.encode().split(b"\n")
+    lines[3] = b"#  \xb7  #"  # a Latin-1 middle dot in row 4
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(MazeFileError) as info:
+        load_mazes(path, 7)
+    assert f"{path}:4: not UTF-8 text (byte 0xb7); save the file as UTF-8" in str(info.value)
 
 
 def test_good_maze_and_marked_path_load(tmp_path: Path) -> None:
@@ -269,15 +281,19 @@ def test_file_splits(tmp_path: Path) -> None:
     assert np.array_equal(data.train_dataset.tensors["labels"][0].numpy().reshape(7, 7), mazes[0])
 
 
-def test_bad_parameters_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="num_aug must be an integer in 0..7"):
-        MazeData(str(tmp_path), num_aug=8)
-    with pytest.raises(ValueError, match="odd size"):
-        MazeData(str(tmp_path), size=10)
-    with pytest.raises(ValueError, match="num_train must be a positive integer"):
-        MazeData(str(tmp_path), num_train=None)
-    with pytest.raises(FileNotFoundError, match="maze file"):
-        MazeData(str(tmp_path), train_file=str(tmp_path / "missing.txt"))
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_aug": 8}, r"data\.num_aug must be an integer in 0\.\.7"),
+        ({"size": 10}, r"data\.size: generated mazes need an odd size"),
+        ({"num_train": None}, r"data\.num_train must be a positive integer"),
+        ({"min_path_length": 0}, r"data\.min_path_length must be a positive integer"),
+        ({"train_file": "/nonexistent/mazes.txt"}, r"data\.train_file: maze file /nonexistent/mazes\.txt not found"),
+    ],
+)
+def test_bad_parameters_name_the_key(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        MazeData(str(tmp_path), **kwargs)
 
 
 def test_config_composes_and_builds(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from dataset.grokking.modular_arithmetic import (
     make_equations,
 )
 from dataset.tensors import collate_tensor_dicts
+from utils.config.errors import ConfigError
 
 
 def _reference_answer(x: int, y: int, op: str, p: int) -> int:
@@ -116,15 +117,16 @@ def test_root_name_model_kwargs_and_batches(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"operation": "pow"}, ["operation", "add", "div"]),
-        ({"p": 91}, ["p", "prime"]),
-        ({"p": 1}, ["p", "prime"]),
-        ({"train_fraction": 1.0}, ["train_fraction", "(0, 1)"]),
-        ({"train_fraction": 0.0}, ["train_fraction", "(0, 1)"]),
+        ({"operation": "pow"}, ["data.operation", "add", "div"]),
+        ({"p": 91}, ["data.p must be a prime", "got 91"]),
+        ({"p": 1}, ["data.p must be a prime"]),
+        ({"train_fraction": 1.0}, ["data.train_fraction", "(0, 1)"]),
+        ({"train_fraction": 0.0}, ["data.train_fraction", "(0, 1)"]),
+        ({"split_seed": 0.5}, ["data.split_seed must be an integer"]),
     ],
 )
-def test_bad_config_raises_value_error(tmp_path: Path, kwargs: dict, words: list[str]) -> None:
-    with pytest.raises(ValueError) as info:
+def test_bad_config_raises_a_config_error_naming_the_key(tmp_path: Path, kwargs: dict, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
         ModularArithmeticData(data_root=str(tmp_path), **kwargs)
     for word in words:
         assert word in str(info.value)
@@ -144,8 +146,10 @@ def test_setup_before_build_says_how_to_build(tmp_path: Path) -> None:
             {k: torch.zeros(2, dtype=torch.long) for k in ("inputs", "targets", "train_idx", "val_idx")}, path
         ),
         lambda path: path.write_bytes(b"not a torch file"),
+        lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+        lambda path: path.unlink(),
     ],
-    ids=["wrong-keys", "wrong-shapes", "garbage"],
+    ids=["wrong-keys", "wrong-shapes", "garbage", "cut-in-half", "missing"],
 )
 def test_malformed_data_file_gives_clear_error(tmp_path: Path, corrupt) -> None:
     dm = ModularArithmeticData(data_root=str(tmp_path), p=5, operation="add")
@@ -153,8 +157,9 @@ def test_malformed_data_file_gives_clear_error(tmp_path: Path, corrupt) -> None:
     corrupt(dm.data_path)
     with pytest.raises(MalformedDatasetError) as info:
         dm.setup()
+    assert isinstance(info.value, ConfigError)  # the entry points exit 2 with this message, no traceback
     assert str(dm.data_path) in str(info.value)
-    assert "--rebuild-dataset" in str(info.value)
+    assert "--rebuild-dataset" in str(info.value) and len(str(info.value).splitlines()) == 1
 
     dm.prepare_data(rebuild=True)  # and the suggested fix works
     dm.setup()

@@ -38,7 +38,7 @@ from tests.cli_helpers import (
     read_metrics,
     start,
 )
-from tests.slurm_cluster import Cluster, slurm_cluster  # noqa: F401 - the session fixture
+from tests.slurm_cluster import PID_FILES, Cluster, slurm_cluster, stop_started  # noqa: F401 - the session fixture
 
 JOB_NAME = "launcher-test"  # every job the tests submit; cancelled before and after
 # Long enough that the signal lands mid-run even on an idle machine (~4 ms a step there: 1000 steps were
@@ -239,6 +239,27 @@ def test_launcher_presets_extend_the_plugin_configs(preset, target):
 
 
 # ----------------------------------------------------------- in this process, no cluster: the pieces it relies on
+def test_the_session_stops_only_the_daemons_it_started(tmp_path: Path):
+    """The slurm_cluster fixture's finalizer, on stand-in daemons (sleep processes named by pid files):
+    what ensure_cluster started is stopped; what was running before, and a reused cluster, are left alone."""
+    started_by_tests = subprocess.Popen(["sleep", "120"])
+    running_before = subprocess.Popen(["sleep", "120"])
+    try:
+        pid_files = {name: tmp_path / f"{name}.pid" for name in PID_FILES}
+        pid_files["slurmd"].write_text(f"{started_by_tests.pid}\n")
+        pid_files["slurmctld"].write_text(f"{running_before.pid}\n")
+        # munged is listed as started, but its pid file names no process (it already exited): skipped.
+        assert stop_started(Cluster(node="n", started=["munged", "slurmd"]), pid_files) == ["slurmd"]
+        assert started_by_tests.wait(timeout=10) == -15  # SIGTERM, as the daemons are stopped
+        assert running_before.poll() is None
+        assert stop_started(Cluster(node="n", reused=True), pid_files) == []  # was up before: left as it was
+        assert running_before.poll() is None
+    finally:
+        for proc in (started_by_tests, running_before):
+            proc.kill()
+            proc.wait()
+
+
 def test_graceful_shutdown_passes_the_signal_on_to_the_handler_installed_before():
     import os
     import signal

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -45,6 +46,7 @@ from dataset.multimodal.text_renderer import (
     wrap_text,
 )
 from tests.cli_helpers import ENV, REPO_ROOT
+from utils.config.errors import ConfigError
 from utils.storage.locks import FileLock, is_locked, lock_holder
 
 ARC_DIR = REPO_ROOT.parent / "shared" / "data" / "arc"
@@ -299,6 +301,14 @@ def test_text_sources_stories_and_changed_sources(tmp_path: Path) -> None:
     (texts / "b.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
     with pytest.raises(StreamingDatasetError, match=r"b\.jsonl:2: expected an object with a string field 'text'"):
         list(VisionUnifiedBuilder(tmp_path / "other", **kwargs).iter_examples())
+    (texts / "b.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(StreamingDatasetError, match=r"b\.jsonl:2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+        list(VisionUnifiedBuilder(tmp_path / "other", **kwargs).iter_examples())
+    (texts / "b.jsonl").unlink()
+    (texts / "a.txt").write_bytes(b"One.\n<|endoftext|>\nTwo \x80.\n")
+    with pytest.raises(StreamingDatasetError, match=r"a\.txt:3: not UTF-8 text \(byte 0x80\)") as info:
+        list(VisionUnifiedBuilder(tmp_path / "other", **kwargs).iter_examples())
+    assert isinstance(info.value, ConfigError)  # the entry points exit 2 with this message, no traceback
 
 
 @pytest.mark.parametrize("kind", ["batch", "consolidated"])
@@ -406,9 +416,10 @@ def test_a_builder_that_fails_before_building_gives_the_same_message(code_dir: P
     with pytest.raises(RuntimeError) as err:
         data.prepare_data()
     message = str(err.value)
-    assert "died before it started building" in message and "(exit code 1)" in message
+    assert "died before it started building" in message and "(exit code 2)" in message  # a config error
     assert str(data.root / "builder.log") in message and "rerun" in message
-    assert "is not a directory" in message  # the end of builder.log says why
+    assert "data.code_dirs: " in message and "is not a directory" in message  # the end of builder.log says why
+    assert "Traceback" not in message
 
 
 def test_epoch_start_hook_reloads_the_loader_only_when_the_train_set_changes(code_dir: Path, tmp_path: Path) -> None:
@@ -473,11 +484,18 @@ def test_refresh_is_deterministic_and_resumes_the_recorded_count(code_dir: Path,
     }
 
 
-def test_setup_rejects_malformed_files_and_mismatched_config(code_dir: Path, tmp_path: Path) -> None:
+def test_setup_rejects_malformed_files_and_mismatched_config(
+    code_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     kwargs = tiny(code_dir)
     data = VisionUnifiedData(str(tmp_path), name="vu", **kwargs)
     data.prepare_data(incremental=False)  # foreground build
     assert read_manifest(data.root)["complete"]  # type: ignore[index]
+    caplog.set_level(logging.INFO, logger="dataset")
+    caplog.clear()
+    data.prepare_data()  # the trainer's checks of a complete dataset say nothing
+    data.prepare_data()
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("dataset")]
     with pytest.raises(DatasetMismatchError, match="--rebuild-dataset"):
         VisionUnifiedData(str(tmp_path), name="vu", **tiny(code_dir, target_len=32)).prepare_data()
     path = data.root / consolidated_name(1)
@@ -486,8 +504,13 @@ def test_setup_rejects_malformed_files_and_mismatched_config(code_dir: Path, tmp
     with pytest.raises(StreamingDatasetError, match=rf"{path.name}.*--rebuild-dataset"):
         data.setup()
     path.write_bytes(b"not a torch file")
-    with pytest.raises(StreamingDatasetError, match=rf"{path.name} could not be loaded \(UnpicklingError.*--rebuild-dataset"):
+    with pytest.raises(StreamingDatasetError, match=rf"{path.name} is truncated or damaged \(UnpicklingError.*--rebuild-dataset"):
         data.setup()
+    manifest = data.root / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    with pytest.raises(StreamingDatasetError, match=rf"{manifest}:\d+: not valid JSON .*--rebuild-dataset") as info:
+        data.setup()
+    assert isinstance(info.value, ConfigError)
     data.prepare_data(rebuild=True, incremental=False)
     data.setup()
     assert len(data.train_dataset) + len(data.val_dataset) <= 50
@@ -539,7 +562,7 @@ def test_pre_encode_with_a_frozen_encoder(code_dir: Path, tmp_path: Path) -> Non
     )
     with pytest.raises(StreamingDatasetError, match="encoder.pt does not fit"):
         bad.build()
-    with pytest.raises(FileNotFoundError, match="encoder_checkpoint"):
+    with pytest.raises(ConfigError, match="data.pre_encode.encoder_checkpoint=None is not a file"):
         VisionUnifiedBuilder(tmp_path / "none", encoder_factory=TinyEncoder, **tiny(code_dir))
 
 

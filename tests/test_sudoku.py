@@ -6,6 +6,7 @@ with the bitmask solver under test.
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -30,8 +31,11 @@ from dataset.reasoning.sudoku import (
     load_csv,
     write_csv,
 )
+from tests.cli_helpers import paths, run
 from tests.conftest import CONF_DIR, compose_config
+from utils.config.errors import ConfigError
 from utils.config.validation import validate_config
+from utils.signals import EXIT_CONFIG
 from dataset.reasoning.evaluators import SudokuValidity
 
 BOXES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
@@ -120,7 +124,7 @@ def test_generation_is_seeded() -> None:
 
 
 def test_unreachable_givens_fail_with_the_minimum_reached() -> None:
-    with pytest.raises(SudokuGenerationError, match=r"got down to \d+ givens.*use givens >= \d+"):
+    with pytest.raises(SudokuGenerationError, match=r"got down to \d+ givens.*use data\.givens >= \d+"):
         generate_puzzle(9, 17, random.Random(0), max_attempts=2)
     with pytest.raises(ValueError, match="givens must be an integer in 8..36"):
         generate_puzzle(6, 5, random.Random(0))
@@ -246,7 +250,43 @@ def test_malformed_csv_rows_name_file_and_line(tmp_path: Path, mutate, message: 
     path.write_text(f"puzzle,solution\n{good[0]},{good[1]}\n\n{bad[0]},{bad[1]}\n")  # the bad row is line 4
     with pytest.raises(SudokuFileError, match=message) as info:
         load_csv(path, 4)
+    assert isinstance(info.value, ConfigError)  # the entry points exit 2 with this message, no traceback
     assert f"{path}:4:" in str(info.value)
+
+
+def test_non_utf8_csv_names_the_file_line_and_fix(tmp_path: Path) -> None:
+    good = ",".join(_row(*_puzzle_and_solution(4, 0)))
+    path = tmp_path / "latin1.csv"
+    # Line 3 holds a Latin-1 'é' (one byte, 0xe9), as a spreadsheet saved in a legacy encoding writes it.
+    path.write_bytes(f"puzzle,solution\n{good}\n{good},caf".encode() + b"\xe9\n")
+    with pytest.raises(SudokuFileError) as info:
+        load_csv(path, 4)
+    assert isinstance(info.value, ConfigError)
+    assert f"{path}:3: not UTF-8 text (byte 0xe9)" in str(info.value)
+    assert "save the file as UTF-8" in str(info.value)
+
+
+def test_bad_csv_row_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    """What a user sees: train.py names the file, line and problem in one line and exits 2."""
+    good = ",".join(_row(*_puzzle_and_solution(4, 0)))
+    q, a = _row(*_puzzle_and_solution(4, 1))
+    path = tmp_path / "bad.csv"
+    path.write_text(f"puzzle,solution\n{good}\n{q},{a[:-1]}9\n")
+    result = run(
+        "train.py", "--dataset-only", "data=reasoning/sudoku", "data.size=4", "data.givens=5",
+        f"data.train_csv={path}", "data.num_train_puzzles=null", *paths(tmp_path / "runs"),
+    )
+    assert result.returncode == EXIT_CONFIG, result
+    assert "Traceback" not in result.output, result
+    assert f"{path}:3: the solution has '9' at position 16; expected 1..4" in result.output, result
+
+
+def test_a_csv_of_another_size_says_which_data_size_to_set(tmp_path: Path) -> None:
+    path = tmp_path / "six.csv"
+    path.write_text("puzzle,solution\n" + ",".join(_row(*_puzzle_and_solution(6, 0))) + "\n")
+    with pytest.raises(SudokuFileError, match=r"six\.csv:2: the puzzle has 36 characters, expected 16 for a 4x4 Sudoku; "
+                       r"for 6x6 Sudokus set data\.size=6"):
+        load_csv(path, 4)
 
 
 def test_inconsistent_solution_is_reported(tmp_path: Path) -> None:
@@ -346,6 +386,15 @@ def test_build_once_rebuild_and_determinism(tmp_path: Path) -> None:
     assert len(names) == 6
 
 
+def test_the_summary_is_logged_once_by_the_build_not_by_the_checks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataset")
+    # What a run does: train.py prepares the data, then the trainer prepares it on rank 0 and once more to check.
+    for _ in range(3):
+        SudokuData(str(tmp_path), **SMALL).prepare_data()
+    summaries = [r for r in caplog.records if r.levelno >= logging.INFO and "'num_train': 180" in r.getMessage()]
+    assert len(summaries) == 1 and summaries[0].getMessage().startswith("Built dataset")
+
+
 def test_csv_splits_drop_validation_puzzles_seen_in_training(tmp_path: Path) -> None:
     pairs = [_puzzle_and_solution(4, s) for s in range(8)]
     train_csv, val_csv = tmp_path / "train.csv", tmp_path / "val.csv"
@@ -370,15 +419,45 @@ def test_csv_splits_drop_validation_puzzles_seen_in_training(tmp_path: Path) -> 
     assert edited.root != data.root
 
 
-def test_bad_parameters_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="size must be one of"):
-        SudokuData(str(tmp_path), size=5)
-    with pytest.raises(ValueError, match="num_val_puzzles must be a positive integer"):
-        SudokuData(str(tmp_path), num_val_puzzles=0)
-    with pytest.raises(ValueError, match="num_aug must be an integer >= 0"):
-        SudokuData(str(tmp_path), num_aug=-1)
-    with pytest.raises(FileNotFoundError, match="Sudoku CSV"):
-        SudokuData(str(tmp_path), train_csv=str(tmp_path / "missing.csv"))
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"size": 5}, r"data\.size must be one of \[4, 6, 9\]"),
+        ({"num_val_puzzles": 0}, r"data\.num_val_puzzles must be a positive integer"),
+        ({"num_aug": -1}, r"data\.num_aug must be an integer >= 0"),
+        ({"seed": "x"}, r"data\.seed must be an integer"),
+        ({"givens": 2}, r"data\.givens must be an integer in 4\.\.16"),
+        ({"train_csv": "/nonexistent/missing.csv"}, r"data\.train_csv: Sudoku CSV /nonexistent/missing\.csv not found"),
+    ],
+)
+def test_bad_parameters_name_the_key(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SudokuData(str(tmp_path), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "problem"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "train.pt", " is truncated or damaged"),
+        (lambda p: p.write_bytes(b""), "val.pt", " is truncated or damaged"),
+        (lambda p: p.unlink(), "train.pt", " is missing"),
+        (lambda p: p.write_text('{"size": 4, "vocab'), "COMPLETE", ":1: not valid JSON"),
+        (lambda p: p.write_bytes(b"\xff\xfe{}"), "COMPLETE", ":1: not UTF-8 text"),
+        (lambda p: p.write_text("[]"), "COMPLETE", ": expected a JSON object"),
+    ],
+    ids=["train-cut-in-half", "val-empty", "train-missing", "marker-cut", "marker-binary", "marker-list"],
+)
+def test_damaged_built_dataset_names_the_file_and_says_to_rebuild(tmp_path: Path, damage, file: str, problem: str) -> None:
+    data = SudokuData(str(tmp_path), **SMALL)
+    data.prepare_data()
+    damage(data.root / file)
+    with pytest.raises(ConfigError) as info:
+        SudokuData(str(tmp_path), **SMALL).setup()
+    message = str(info.value)
+    assert f"{data.root / file}{problem}" in message
+    assert "--rebuild-dataset" in message and len(message.splitlines()) == 1
+    data.prepare_data(rebuild=True)  # and the fix it names works
+    data.setup()
 
 
 def test_too_many_distinct_puzzles_fail_clearly(tmp_path: Path) -> None:

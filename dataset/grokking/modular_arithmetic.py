@@ -10,14 +10,15 @@ seeded permutation and stored as ``data.pt`` under
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dataset.base import BUILD_HINT, DiskDatasetBuilder
+from dataset.errors import REBUILD_HINT, DatasetFileError, load_tensor_file
 from dataset.tensors import TensorDictDataset, collate_tensor_dicts, describe_tensors
+from utils.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +26,10 @@ OPERATIONS = ("add", "sub", "mul", "div")
 SEQ_LEN = 4
 DATA_FILE = "data.pt"
 DATA_KEYS = ("inputs", "targets", "train_idx", "val_idx")
-REBUILD_HINT = "rebuild it with `python train.py --dataset-only --rebuild-dataset`"
 
 
-class MalformedDatasetError(ValueError):
-    """A dataset file exists but does not hold what the loader expects."""
+class MalformedDatasetError(DatasetFileError):
+    """``data.pt`` is missing, truncated or does not hold what the loader expects."""
 
 
 def is_prime(n: int) -> bool:
@@ -46,17 +46,17 @@ def is_prime(n: int) -> bool:
 
 
 def validate_params(p: Any, operation: Any, train_fraction: Any, split_seed: Any) -> None:
-    """Raise ValueError naming the offending key and what it accepts."""
+    """Raise ConfigError naming the offending config key and what it accepts."""
     if operation not in OPERATIONS:
-        raise ValueError(f"operation must be one of {list(OPERATIONS)}, got {operation!r}")
+        raise ConfigError(f"data.operation must be one of {list(OPERATIONS)}, got {operation!r}")
     if isinstance(p, bool) or not isinstance(p, int) or not is_prime(p):
-        raise ValueError(f"p must be a prime number (e.g. 97), got {p!r}")
+        raise ConfigError(f"data.p must be a prime number (e.g. 97), got {p!r}")
     if isinstance(train_fraction, bool) or not isinstance(train_fraction, (int, float)) or not (
         0.0 < train_fraction < 1.0
     ):
-        raise ValueError(f"train_fraction must be a number in the open interval (0, 1), got {train_fraction!r}")
+        raise ConfigError(f"data.train_fraction must be a number in the open interval (0, 1), got {train_fraction!r}")
     if isinstance(split_seed, bool) or not isinstance(split_seed, int):
-        raise ValueError(f"split_seed must be an integer, got {split_seed!r}")
+        raise ConfigError(f"data.split_seed must be an integer, got {split_seed!r}")
 
 
 def num_equations(p: int, operation: str) -> int:
@@ -208,13 +208,8 @@ class ModularArithmeticBuilder(DiskDatasetBuilder):
 
 
 def load_data_file(path: Path) -> Any:
-    """torch.load with weights_only=True, turning unreadable files into MalformedDatasetError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
-        raise MalformedDatasetError(f"{path} could not be loaded ({type(e).__name__}: {e}); {REBUILD_HINT}") from e
+    """torch.load with weights_only=True, turning missing or unreadable files into MalformedDatasetError."""
+    return load_tensor_file(path, MalformedDatasetError)
 
 
 class ModularArithmeticData:
@@ -251,8 +246,6 @@ class ModularArithmeticData:
         if not self.builder.is_complete():
             raise FileNotFoundError(f"dataset at {self.root} is not built; {BUILD_HINT}")
         path = self.data_path
-        if not path.is_file():
-            raise MalformedDatasetError(f"{path} is missing although {self.builder.marker_path} exists; {REBUILD_HINT}")
         data = load_data_file(path)
         b = self.builder
         check_data(data, b.p, b.operation, b.train_fraction, path)

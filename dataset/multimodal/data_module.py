@@ -24,6 +24,7 @@ from dataset.multimodal.tokens import BYTE_OFFSET, EOS_TOKEN, PAD_TOKEN, SOURCE_
 from dataset.multimodal.vision_unified import ARC_TASKS_FILE, VisionUnifiedBuilder
 from dataset.streaming.data_module import StreamingDataModule
 from dataset.streaming.manifest import StreamingDatasetError, read_manifest
+from utils.config.errors import ConfigError
 
 DATA_CONFIG = "multimodal/vision_unified"
 PRE_ENCODE_KEYS = (
@@ -82,19 +83,19 @@ class VisionUnifiedData(StreamingDataModule):
         wait_timeout_s: float | None = None,
     ) -> None:
         if not name or "/" in str(name) or str(name).startswith("."):
-            raise ValueError(f"data.name must be a plain directory name, got {name!r}")
+            raise ConfigError(f"data.name must be a plain directory name, got {name!r}")
         # data_root is relative to the working directory like every other dataset's; made absolute here
         # so the background builder (started in the repository root) writes to the same place.
         root = (Path(data_root).expanduser() / str(name)).resolve()
         pre = plain(pre_encode)
         if pre is not None:
             if not isinstance(pre, dict):
-                raise TypeError(f"data.pre_encode must be null or a mapping, got {pre!r}")
+                raise ConfigError(f"data.pre_encode must be null or a mapping, got {pre!r}")
             unknown = sorted(set(pre) - set(PRE_ENCODE_KEYS))
             if unknown:
-                raise ValueError(f"data.pre_encode: unknown keys {unknown}; accepted: {', '.join(PRE_ENCODE_KEYS)}")
+                raise ConfigError(f"data.pre_encode: unknown keys {unknown}; accepted: {', '.join(PRE_ENCODE_KEYS)}")
             if not isinstance(pre.get("encoder_factory"), str):
-                raise ValueError("data.pre_encode.encoder_factory must be a dotted path, e.g. models.multimodal.capsule_encoder.CapsuleEncoder")
+                raise ConfigError("data.pre_encode.encoder_factory must be a dotted path, e.g. models.multimodal.capsule_encoder.CapsuleEncoder")
         # Everything the background builder needs, JSON-able (it gets it on its command line).
         builder_kwargs: dict[str, Any] = {
             "arc_dir": str(arc_dir) if arc_dir else None,

@@ -17,19 +17,23 @@ from typing import Any
 
 import torch
 
+from dataset.errors import short_reason
 from dataset.reasoning.arc import file_sha256
 from dataset.streaming.manifest import StreamingDatasetError
+from utils.config.errors import ConfigError
 
 
 def import_callable(dotted: str) -> Callable[..., Any]:
     """The object at a dotted path such as ``models.multimodal.capsule_encoder.CapsuleEncoder``."""
     module_name, _, attr = dotted.rpartition(".")
     if not module_name:
-        raise ValueError(f"encoder_factory must be a dotted path like 'models.multimodal.capsule_encoder.CapsuleEncoder', got {dotted!r}")
+        raise ConfigError(
+            f"data.pre_encode.encoder_factory must be a dotted path like 'models.multimodal.capsule_encoder.CapsuleEncoder', got {dotted!r}"
+        )
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ImportError(f"encoder_factory {dotted!r} cannot be imported: {e}") from e
+        raise ConfigError(f"data.pre_encode.encoder_factory {dotted!r} cannot be imported: {short_reason(e)}") from e
 
 
 class FrozenEncoder:
@@ -74,7 +78,10 @@ class FrozenEncoder:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # any failure means the checkpoint is unusable
-            raise StreamingDatasetError(f"encoder checkpoint {path} could not be loaded ({type(e).__name__}: {e})") from e
+            raise StreamingDatasetError(
+                f"encoder checkpoint {path} could not be loaded ({short_reason(e)}); "
+                "point data.pre_encode.encoder_checkpoint at a trainer checkpoint or a state dict"
+            ) from e
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]  # a trainer checkpoint (latest.pt / best.pt)
         if not isinstance(state, dict):
@@ -87,7 +94,10 @@ class FrozenEncoder:
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise StreamingDatasetError(f"encoder checkpoint {path} does not fit the encoder: {e}") from e
+            raise StreamingDatasetError(
+                f"encoder checkpoint {path} does not fit the encoder ({short_reason(e, limit=300)}); "
+                "check data.pre_encode.encoder_kwargs / encoder_state_prefix"
+            ) from e
         module.eval().requires_grad_(False)
         return module.to(self.device)
 

@@ -25,10 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from dataset.errors import not_utf8_message
 from dataset.multimodal.story_generator import STORY_SEPARATOR
 from dataset.multimodal.tokens import serialize_grid, target_tokens
 from dataset.reasoning.arc import ArcTask, file_sha256, load_subset, subset_files
 from dataset.streaming.manifest import StreamingDatasetError
+from utils.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +72,13 @@ def as_list(value: Any, key: str) -> list[Any]:
     try:
         return list(value)
     except TypeError:
-        raise TypeError(f"{key} must be a list, got {value!r}") from None
+        raise ConfigError(f"{key} must be a list, got {value!r}") from None
 
 
 def dir_files(root: Path, patterns: Sequence[str], key: str) -> list[Path]:
     """Files under ``root`` (recursively) matching any glob pattern, sorted; hidden dirs skipped."""
     if not root.is_dir():
-        raise FileNotFoundError(f"{key}: {root} is not a directory")
+        raise ConfigError(f"data.{key}: {root} is not a directory; fix the path")
     found: set[Path] = set()
     for pattern in patterns:
         for path in root.rglob(pattern):
@@ -102,6 +104,13 @@ def dir_fingerprint(root: Path, patterns: Sequence[str], key: str) -> tuple[int,
 
 def read_documents(path: Path) -> Iterator[tuple[int, str]]:
     """(index, text) of the documents in a .txt file (separated by ``<|endoftext|>`` lines) or a .jsonl one."""
+    try:
+        yield from _read_documents(path)
+    except UnicodeDecodeError as e:
+        raise StreamingDatasetError(not_utf8_message(path)) from e
+
+
+def _read_documents(path: Path) -> Iterator[tuple[int, str]]:
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             index = 0
@@ -111,27 +120,26 @@ def read_documents(path: Path) -> Iterator[tuple[int, str]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise StreamingDatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+                    raise StreamingDatasetError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete the line") from e
                 text = record.get("text") if isinstance(record, dict) else None
                 if not isinstance(text, str):
-                    raise StreamingDatasetError(f"{path}:{lineno}: expected an object with a string field 'text'")
+                    raise StreamingDatasetError(
+                        f"{path}:{lineno}: expected an object with a string field 'text', like {{\"text\": \"...\"}}"
+                    )
                 yield index, text
                 index += 1
         return
     with open(path, encoding="utf-8", errors="strict") as f:
         lines: list[str] = []
         index = 0
-        try:
-            for line in f:
-                if line.strip() == STORY_SEPARATOR:
-                    if "".join(lines).strip():
-                        yield index, "".join(lines).strip()
-                        index += 1
-                    lines = []
-                else:
-                    lines.append(line)
-        except UnicodeDecodeError as e:
-            raise StreamingDatasetError(f"{path}: not UTF-8 text ({e})") from e
+        for line in f:
+            if line.strip() == STORY_SEPARATOR:
+                if "".join(lines).strip():
+                    yield index, "".join(lines).strip()
+                    index += 1
+                lines = []
+            else:
+                lines.append(line)
         if "".join(lines).strip():
             yield index, "".join(lines).strip()
 

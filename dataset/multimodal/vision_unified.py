@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dataset.base import require_int
+from dataset.errors import REBUILD_HINT
 from dataset.multimodal.pre_encoder import FrozenEncoder
 from dataset.multimodal.sources import (
     REPO_ROOT,
@@ -34,11 +35,12 @@ from dataset.multimodal.sources import (
     resolve_source_path,
 )
 from dataset.multimodal.story_generator import write_stories
-from dataset.multimodal.text_renderer import render_grid, render_grid_panel, render_text
+from dataset.multimodal.text_renderer import render_grid, render_grid_panel, render_text, text_capacity
 from dataset.multimodal.tokens import EOS_TOKEN, IGNORE_INDEX, SOURCE_IDS
 from dataset.reasoning.arc import subset_files
-from dataset.streaming.manifest import REBUILD_HINT, StreamingDatasetError, write_json
+from dataset.streaming.manifest import StreamingDatasetError, write_json
 from dataset.streaming.shards import StreamingDatasetBuilder
+from utils.config.errors import ConfigError
 from utils.storage.atomic import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -136,54 +138,62 @@ class VisionUnifiedBuilder(StreamingDatasetBuilder):
         fault_pause_s: float = 0.0,
     ) -> None:
         super().__init__(root, examples_per_batch, batches_per_consolidated, max_examples, throttle_s, fault_pause_s)
-        size = [int(s) for s in as_list(image_size, "image_size")]
+        size = [int(s) for s in as_list(image_size, "data.image_size")]
         if len(size) != 2 or min(size) < 8:
-            raise ValueError(f"image_size must be [H, W] with sides >= 8, got {image_size!r}")
+            raise ConfigError(f"data.image_size must be [H, W] with sides >= 8, got {image_size!r}")
         self.image_size = (size[0], size[1])
-        self.font_size = require_int("font_size", font_size, 4)
-        self.context_chars = require_int("context_chars", context_chars, 1)
-        self.text_stride = require_int("text_stride", text_stride, 1)
-        self.context_lines = require_int("context_lines", context_lines, 1)
-        self.target_len = require_int("target_len", target_len, 1)
-        self.val_every = require_int("val_every", val_every, 2)
-        self.arc_demos = require_int("arc_demos", arc_demos, 0)
-        self.generate_stories = require_int("generate_stories", generate_stories, 0)
-        self.stories_per_file = require_int("stories_per_file", stories_per_file, 1)
-        encoder_batch_size = require_int("encoder_batch_size", encoder_batch_size, 1)
+        self.font_size = require_int("data.font_size", font_size, 4)
+        try:  # checked here, not at the first rendered example in the background builder
+            lines, columns = text_capacity(self.image_size, self.font_size)
+        except ValueError as e:
+            raise ConfigError(f"data.font_size: {e}") from None
+        if lines < 1 or columns < 1:
+            raise ConfigError(f"data.font_size {font_size} does not fit a data.image_size={list(self.image_size)} image")
+        self.context_chars = require_int("data.context_chars", context_chars, 1)
+        self.text_stride = require_int("data.text_stride", text_stride, 1)
+        self.context_lines = require_int("data.context_lines", context_lines, 1)
+        self.target_len = require_int("data.target_len", target_len, 1)
+        self.val_every = require_int("data.val_every", val_every, 2)
+        self.arc_demos = require_int("data.arc_demos", arc_demos, 0)
+        self.generate_stories = require_int("data.generate_stories", generate_stories, 0)
+        self.stories_per_file = require_int("data.stories_per_file", stories_per_file, 1)
+        encoder_batch_size = require_int("data.pre_encode.encoder_batch_size", encoder_batch_size, 1)
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
+            raise ConfigError(f"data.seed must be an integer, got {seed!r}")
         self.seed = seed
         if arc_max_tasks is not None:
-            require_int("arc_max_tasks", arc_max_tasks, 1)
+            require_int("data.arc_max_tasks", arc_max_tasks, 1)
         self.arc_max_tasks = arc_max_tasks
         self.arc_dir = resolve_source_path(arc_dir) if arc_dir not in (None, "") else None
-        self.arc_subsets = [str(s) for s in as_list(arc_subsets, "arc_subsets")]
+        self.arc_subsets = [str(s) for s in as_list(arc_subsets, "data.arc_subsets")]
         if self.arc_dir is not None:
             missing = [str(p) for s in self.arc_subsets for p in subset_files(self.arc_dir, s) if not p.is_file()]
             if missing or not self.arc_subsets:
-                raise FileNotFoundError(
-                    f"arc_dir={self.arc_dir}: ARC files missing: {', '.join(missing) or 'no arc_subsets given'} "
+                raise ConfigError(
+                    f"data.arc_dir={self.arc_dir}: ARC files missing: {', '.join(missing) or 'no data.arc_subsets given'} "
                     "(expected arc-agi_<subset>_challenges.json and arc-agi_<subset>_solutions.json)"
                 )
-        self.text_dirs = [resolve_source_path(p) for p in as_list(text_dirs, "text_dirs")]
-        self.text_globs = [str(g) for g in as_list(text_globs, "text_globs")]
-        self.code_dirs = [resolve_source_path(p) for p in as_list(code_dirs, "code_dirs")]
-        self.code_globs = [str(g) for g in as_list(code_globs, "code_globs")]
+        self.text_dirs = [resolve_source_path(p) for p in as_list(text_dirs, "data.text_dirs")]
+        self.text_globs = [str(g) for g in as_list(text_globs, "data.text_globs")]
+        self.code_dirs = [resolve_source_path(p) for p in as_list(code_dirs, "data.code_dirs")]
+        self.code_globs = [str(g) for g in as_list(code_globs, "data.code_globs")]
         self.snapshot_code = bool(snapshot_code)
         for key, dirs in (("text_dirs", self.text_dirs), ("code_dirs", self.code_dirs)):
             for d in dirs:
                 if not d.is_dir():
-                    raise FileNotFoundError(f"{key}: {d} is not a directory (relative paths are relative to {REPO_ROOT})")
+                    raise ConfigError(f"data.{key}: {d} is not a directory (relative paths are relative to {REPO_ROOT})")
         if not (self.arc_dir or self.text_dirs or self.generate_stories or self.code_dirs):
-            raise ValueError("vision_unified needs at least one source: arc_dir, text_dirs, generate_stories or code_dirs")
+            raise ConfigError(
+                "vision_unified needs at least one source: set data.arc_dir, data.text_dirs, data.generate_stories or data.code_dirs"
+            )
 
         self.encoder: FrozenEncoder | None = None
         if encoder_factory is not None:
             checkpoint = resolve_source_path(encoder_checkpoint) if encoder_checkpoint else None
             if checkpoint is None or not checkpoint.is_file():
-                raise FileNotFoundError(
-                    f"pre-encoding needs the frozen encoder's weights: encoder_checkpoint={encoder_checkpoint!r} is not a "
-                    "file (a randomly initialised frozen encoder would store random features)"
+                raise ConfigError(
+                    f"pre-encoding needs the frozen encoder's weights: data.pre_encode.encoder_checkpoint={encoder_checkpoint!r} "
+                    "is not a file (a randomly initialised frozen encoder would store random features)"
                 )
             self.encoder = FrozenEncoder(encoder_factory, checkpoint, encoder_kwargs, encoder_state_prefix,
                                          encoder_batch_size, encoder_device)

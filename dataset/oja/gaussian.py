@@ -14,13 +14,14 @@ from typing import Any
 import torch
 
 from dataset.tensors import TensorDictDataset, collate_tensor_dicts
+from utils.config.errors import ConfigError
 
 
 class GaussianData:
     def __init__(self, variances: Sequence[float] = (4.0, 1.0, 0.5, 0.25), num_train: int = 4096,
                  num_val: int = 1024, seed: int = 0) -> None:
         if len(variances) < 2 or any(v <= 0 for v in variances):
-            raise ValueError(f"data.variances must hold at least two positive numbers, got {list(variances)}")
+            raise ConfigError(f"data.variances must hold at least two positive numbers, got {list(variances)}")
         generator = torch.Generator().manual_seed(seed)
         dim = len(variances)
         rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator))

@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 from dataset.base import DiskDatasetBuilder, params_digest
+from dataset.errors import REBUILD_HINT, DatasetFileError, not_utf8_message
 from dataset.reasoning.puzzles import IGNORE_LABEL, SPLIT_FILES, PuzzleData, write_split
+from utils.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ _SUBSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _INVERSE_TRANSFORM = (0, 3, 2, 1, 4, 5, 6, 7)
 
 
-class ArcFormatError(ValueError):
+class ArcFormatError(ConfigError):
     """An ARC source file is unreadable or does not follow the ARC Prize format."""
 
 
@@ -222,13 +224,14 @@ def _load_json(path: Path) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"ARC file {path} does not exist; {SET_ARC_DIR_HINT}") from e
+        raise ConfigError(f"ARC file {path} does not exist; {SET_ARC_DIR_HINT}") from e
     except json.JSONDecodeError as e:
         raise ArcFormatError(
-            f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno} (character {e.pos})"
+            f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno} (character {e.pos}); "
+            "fix it or download the file again"
         ) from e
     except UnicodeDecodeError as e:
-        raise ArcFormatError(f"{path} is not UTF-8 text ({e})") from e
+        raise ArcFormatError(not_utf8_message(path)) from e
 
 
 def parse_grid(value: Any, where: str) -> np.ndarray:
@@ -338,9 +341,11 @@ def load_arc_tasks(path: Path | str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"ARC task list {path} does not exist; rebuild the ARC dataset") from e
+        raise DatasetFileError(f"ARC task list {path} does not exist; {REBUILD_HINT}") from e
+    except UnicodeDecodeError as e:
+        raise DatasetFileError(not_utf8_message(path, fix=REBUILD_HINT)) from e
     except json.JSONDecodeError as e:
-        raise ArcFormatError(f"{path} is not valid JSON: {e}") from e
+        raise DatasetFileError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); {REBUILD_HINT}") from e
     tasks = data.get("tasks") if isinstance(data, dict) else None
     if not isinstance(tasks, list) or not all(
         isinstance(t, dict)
@@ -349,7 +354,9 @@ def load_arc_tasks(path: Path | str) -> dict[str, Any]:
         and isinstance(t.get("eval"), bool)
         for t in tasks
     ):
-        raise ArcFormatError(f"{path}: expected {{'tasks': [{{'id': str, 'num_test': int, 'eval': bool, ...}}, ...]}}")
+        raise DatasetFileError(
+            f"{path}: expected {{'tasks': [{{'id': str, 'num_test': int, 'eval': bool, ...}}, ...]}}; {REBUILD_HINT}"
+        )
     return data
 
 
@@ -359,30 +366,31 @@ def _validate_params(
 ) -> tuple[Path, list[str], str]:
     """Raise naming the config key; return (arc_dir, train_subsets, eval_subset) normalised."""
     if arc_dir is None or (isinstance(arc_dir, str) and not arc_dir.strip()):
-        raise ValueError(f"data.arc_dir is not set: {SET_ARC_DIR_HINT}")
+        raise ConfigError(f"data.arc_dir is not set: {SET_ARC_DIR_HINT}")
     if isinstance(train_subsets, str) or not isinstance(train_subsets, Sequence):
-        raise TypeError(f"data.train_subsets must be a list of subset names, got {train_subsets!r}")
+        raise ConfigError(f"data.train_subsets must be a list of subset names, got {train_subsets!r}")
     train_subsets = [str(s) for s in train_subsets]
     eval_subset = str(eval_subset)
     for name in (*train_subsets, eval_subset):
         if not _SUBSET_NAME.match(name):
-            raise ValueError(
-                f"ARC subset names are file-name parts like 'training' or 'evaluation', got {name!r}"
+            raise ConfigError(
+                f"data.train_subsets / data.eval_subset: ARC subset names are file-name parts like 'training' or "
+                f"'evaluation', got {name!r}"
             )
     if len(set(train_subsets)) != len(train_subsets):
-        raise ValueError(f"data.train_subsets lists a subset twice: {train_subsets}")
+        raise ConfigError(f"data.train_subsets lists a subset twice: {train_subsets}")
     for key, value, low in (("num_aug", num_aug, 0), ("seed", seed, None)):
         if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-            raise ValueError(f"data.{key} must be an integer{' >= 0' if low is not None else ''}, got {value!r}")
+            raise ConfigError(f"data.{key} must be an integer{' >= 0' if low is not None else ''}, got {value!r}")
     if max_tasks_per_subset is not None and (
         isinstance(max_tasks_per_subset, bool) or not isinstance(max_tasks_per_subset, int) or max_tasks_per_subset < 1
     ):
-        raise ValueError(f"data.max_tasks_per_subset must be null or an integer >= 1, got {max_tasks_per_subset!r}")
+        raise ConfigError(f"data.max_tasks_per_subset must be null or an integer >= 1, got {max_tasks_per_subset!r}")
     arc_dir = Path(arc_dir).expanduser()
     subsets = train_subsets + ([eval_subset] if eval_subset not in train_subsets else [])
     missing = [str(p) for s in subsets for p in subset_files(arc_dir, s) if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"ARC files missing: {', '.join(missing)}; {SET_ARC_DIR_HINT}")
+        raise ConfigError(f"ARC files missing: {', '.join(missing)}; {SET_ARC_DIR_HINT}")
     return arc_dir, train_subsets, eval_subset
 
 

@@ -30,19 +30,20 @@ import torch
 
 from dataset.base import DiskDatasetBuilder, params_digest, require_int
 from dataset.reasoning.puzzles import SPLIT_FILES, write_split
+from utils.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def file_fingerprint(path: str | None, kind: str) -> dict | None:
-    """Path, size and modification time of a source file (``kind`` names it in the error)."""
+def file_fingerprint(path: str | None, kind: str, key: str) -> dict | None:
+    """Path, size and modification time of a source file (``kind`` and the config ``key`` name it in the error)."""
     if path is None:
         return None
     p = Path(path).expanduser().resolve()
     try:
         st = p.stat()
     except OSError as e:
-        raise FileNotFoundError(f"{kind} {p} not found ({e})") from e
+        raise ConfigError(f"data.{key}: {kind} {p} not found ({e.strerror}); fix the path") from e
     return {"path": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
@@ -64,8 +65,8 @@ class GridPuzzleBuilder(DiskDatasetBuilder):
     COUNT_KEYS: ClassVar[tuple[str, str]]  # config keys of (num_train, num_val)
     FILE_KEYS: ClassVar[tuple[str, str]]  # config keys of (train_file, val_file)
     MAX_NUM_AUG: ClassVar[int | None] = None  # distinct non-identity augmentations, when they are few
-    FILE_ERROR: ClassVar[type[Exception]] = ValueError  # a source file is malformed
-    GENERATION_ERROR: ClassVar[type[Exception]] = RuntimeError  # too few distinct puzzles exist
+    FILE_ERROR: ClassVar[type[ConfigError]] = ConfigError  # a source file is malformed
+    GENERATION_ERROR: ClassVar[type[ConfigError]] = ConfigError  # too few distinct puzzles exist
 
     def __init__(
         self,
@@ -83,15 +84,15 @@ class GridPuzzleBuilder(DiskDatasetBuilder):
             if value is None and file is not None:
                 continue  # with a file, None means "every puzzle in it"
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+                raise ConfigError(f"data.{key} must be a positive integer, got {value!r}")
         if self.MAX_NUM_AUG is None:
-            require_int("num_aug", num_aug, 0)
+            require_int("data.num_aug", num_aug, 0)
         elif isinstance(num_aug, bool) or not isinstance(num_aug, int) or not 0 <= num_aug <= self.MAX_NUM_AUG:
-            raise ValueError(
-                f"num_aug must be an integer in 0..{self.MAX_NUM_AUG} (the distinct non-identity symmetries), got {num_aug!r}"
+            raise ConfigError(
+                f"data.num_aug must be an integer in 0..{self.MAX_NUM_AUG} (the distinct non-identity symmetries), got {num_aug!r}"
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
+            raise ConfigError(f"data.seed must be an integer, got {seed!r}")
         super().__init__(root)
         self.size = size
         self.num_train = num_train
@@ -137,7 +138,7 @@ class GridPuzzleBuilder(DiskDatasetBuilder):
         return ""
 
     def generation_hint(self) -> str:
-        return f"ask for fewer {self.ITEM}s"
+        return f"lower data.{self.COUNT_KEYS[0]} / data.{self.COUNT_KEYS[1]}"
 
     # ------------------------------------------------------------------------------ identity
     @property
@@ -153,8 +154,8 @@ class GridPuzzleBuilder(DiskDatasetBuilder):
             val_key: self.num_val,
             "num_aug": self.num_aug,
             "seed": self.seed,
-            train_file_key: file_fingerprint(self.train_file, self.FILE_KIND),
-            val_file_key: file_fingerprint(self.val_file, self.FILE_KIND),
+            train_file_key: file_fingerprint(self.train_file, self.FILE_KIND, train_file_key),
+            val_file_key: file_fingerprint(self.val_file, self.FILE_KIND, val_file_key),
             **self.family_params(),
         }
 
@@ -212,7 +213,9 @@ class GridPuzzleBuilder(DiskDatasetBuilder):
         if dropped:
             log.warning("Dropped %d validation %ss of %s that repeat a training row or each other", dropped, self.ITEM, self.val_file)
         if not keep_arr.any():
-            raise self.FILE_ERROR(f"{self.val_file}: every validation {self.ITEM} also occurs in the training set")
+            raise self.FILE_ERROR(
+                f"{self.val_file}: every validation {self.ITEM} also occurs in the training set; use other {self.ITEM}s for validation"
+            )
         return inputs[keep_arr], labels[keep_arr], dropped
 
     # ------------------------------------------------------------------------------ building
@@ -262,7 +265,7 @@ class GridPuzzleBuilder(DiskDatasetBuilder):
             **self.summary_stats((base_in, base_lab), (val_in, val_lab)),
             "build_seconds": round(time.monotonic() - start, 3),
         }
-        log.info(
+        log.debug(  # the summary, logged by DiskDatasetBuilder once the dataset is in place, has these counts
             "%s %dx%d: %d base training %ss x %d (augmented) = %d train rows, %d val %ss",
             self.TITLE, self.size, self.size, len(base_in), self.ITEM, self.num_aug + 1, len(train_in), len(val_in), self.ITEM,
         )

@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from dataset.errors import not_utf8_message
 from dataset.reasoning.grid_builder import GridPuzzleBuilder
 from dataset.reasoning.puzzles import PuzzleData
+from utils.config.errors import ConfigError
 
 CHARS = "# SGo"
 PAD, WALL, OPEN, START, GOAL, PATH = 0, 1, 2, 3, 4, 5
@@ -39,11 +41,11 @@ FORMAT_VERSION = 1
 _MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
 
-class MazeGenerationError(RuntimeError):
-    """The generator could not produce what was asked for (path too long, too many distinct mazes)."""
+class MazeGenerationError(ConfigError):
+    """The generator cannot produce what the config asks for (path too long, too many distinct mazes)."""
 
 
-class MazeFileError(ValueError):
+class MazeFileError(ConfigError):
     """A maze file is malformed; the message names the file and line."""
 
 
@@ -129,9 +131,9 @@ def solve(inputs: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------- generation
 def validate_size(size: Any, generated: bool = True) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size < (5 if generated else 2):
-        raise ValueError(f"size must be an integer >= {5 if generated else 2}, got {size!r}")
+        raise ConfigError(f"data.size must be an integer >= {5 if generated else 2}, got {size!r}")
     if generated and size % 2 == 0:
-        raise ValueError(f"generated mazes need an odd size (walls on even, cells on odd coordinates), got {size}")
+        raise ConfigError(f"data.size: generated mazes need an odd size (walls on even, cells on odd coordinates), got {size}")
 
 
 def generate_grid(size: int, rng: random.Random) -> np.ndarray:
@@ -186,7 +188,7 @@ def generate_maze(
         return inputs, _mark_path(inputs, dist, start, goal)
     raise MazeGenerationError(
         f"no {size}x{size} maze with an S -> G path of at least {min_path_length} moves in {max_attempts} "
-        f"attempts (longest seen: {longest}); lower min_path_length or use a larger size"
+        f"attempts (longest seen: {longest}); lower data.min_path_length or raise data.size"
     )
 
 
@@ -218,8 +220,10 @@ def load_mazes(path: Path | str, size: int) -> tuple[np.ndarray, np.ndarray]:
     validate_size(size, generated=False)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MazeFileError(not_utf8_message(path)) from e
     except OSError as e:
-        raise MazeFileError(f"{path}: cannot read maze file ({e})") from e
+        raise MazeFileError(f"{path}: cannot read maze file ({e.strerror}); fix the path") from e
     blocks: list[tuple[int, list[str]]] = []  # (first line number, rows)
     current: list[str] = []
     first_line = 0
@@ -274,18 +278,18 @@ def _parse_maze(path: Path, first_line: int, rows: list[str], size: int) -> tupl
     dist, count = bfs(inputs, start)
     length = int(dist[goal])
     if length < 0:
-        raise MazeFileError(f"{where}: G is not reachable from S in the maze starting here")
+        raise MazeFileError(f"{where}: G is not reachable from S in the maze starting here; open a path or delete the maze")
     if count[goal] > 1:
         raise MazeFileError(
             f"{where}: the maze starting here has several shortest S -> G paths of length {length}; "
-            "the target would be ambiguous"
+            "the target would be ambiguous; add a wall or delete the maze"
         )
     labels = _mark_path(inputs, dist, start, goal)
     if marked.any() and not np.array_equal(labels == PATH, marked):
         # The shortest path is unique, so a marked path is right iff it is exactly that path.
         raise MazeFileError(
             f"{where}: the 'o' cells of the maze starting here ({int(marked.sum())}) are not the shortest "
-            f"S -> G path ({length} moves, {length - 1} cells between S and G)"
+            f"S -> G path ({length} moves, {length - 1} cells between S and G); fix the 'o' cells or remove them"
         )
     return inputs, labels
 
@@ -361,7 +365,7 @@ class MazeBuilder(GridPuzzleBuilder):
         if min_path_length is None:
             min_path_length = size
         if isinstance(min_path_length, bool) or not isinstance(min_path_length, int) or min_path_length < 1:
-            raise ValueError(f"min_path_length must be a positive integer (moves from S to G) or null, got {min_path_length!r}")
+            raise ConfigError(f"data.min_path_length must be a positive integer (moves from S to G) or null, got {min_path_length!r}")
         self.min_path_length = min_path_length
 
     @property
@@ -375,7 +379,7 @@ class MazeBuilder(GridPuzzleBuilder):
         return f"p{self.min_path_length}"
 
     def generation_hint(self) -> str:
-        return "ask for fewer mazes or use a larger size"
+        return "lower data.num_train / data.num_val or raise data.size"
 
     def generate_one(self, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
         return generate_maze(self.size, self.min_path_length, rng)

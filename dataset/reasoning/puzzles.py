@@ -16,13 +16,13 @@ they become constructor arguments of the model (``model_kwargs``).
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dataset.base import BUILD_HINT, DiskDatasetBuilder
+from dataset.errors import REBUILD_HINT, DatasetFileError, load_tensor_file
 from dataset.tensors import TensorDictDataset, collate_tensor_dicts, describe_tensors
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,10 @@ IGNORE_LABEL = -100
 SPLIT_FILES = {"train": "train.pt", "val": "val.pt"}
 REQUIRED_KEYS = ("inputs", "labels", "puzzle_identifiers")
 SUMMARY_KEYS = ("vocab_size", "seq_len", "num_puzzle_identifiers")
-REBUILD_HINT = "rebuild it with `python train.py --dataset-only --rebuild-dataset`"
 
 
-class MalformedPuzzleDataError(ValueError):
-    """A puzzle dataset file exists but does not hold what the loader expects."""
+class MalformedPuzzleDataError(DatasetFileError):
+    """A puzzle dataset file is missing, truncated or does not hold what the loader expects."""
 
 
 def save_split(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -51,13 +50,7 @@ def write_split(path: Path, tensors: dict[str, torch.Tensor], vocab_size: int, s
 
 
 def load_split(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise MalformedPuzzleDataError(f"{path} is missing although the dataset is marked complete; {REBUILD_HINT}") from e
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
-        raise MalformedPuzzleDataError(f"{path} could not be loaded ({type(e).__name__}: {e}); {REBUILD_HINT}") from e
-    return data
+    return load_tensor_file(path, MalformedPuzzleDataError)
 
 
 def check_split(data: Any, path: Path | str, vocab_size: int, seq_len: int, num_puzzle_identifiers: int) -> None:
@@ -113,9 +106,10 @@ class PuzzleData:
         return self.builder.root
 
     def prepare_data(self, rebuild: bool = False, incremental: bool = True) -> None:
-        """Build the dataset once (`incremental` does not apply: it is written in one go)."""
-        summary = self.builder.build(rebuild=rebuild)
-        log.info("Dataset %s: %s", self.root, summary)
+        """Build the dataset once (`incremental` does not apply: it is written in one go).
+
+        The build logs the summary; train.py and the trainer call this again to check, quietly."""
+        self.builder.build(rebuild=rebuild)
 
     def setup(self) -> None:
         if not self.builder.is_complete():

@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from dataset.errors import not_utf8_message
 from dataset.reasoning.grid_builder import GridPuzzleBuilder
 from dataset.reasoning.puzzles import PuzzleData
+from utils.config.errors import ConfigError
 
 # Box shape (rows, cols) per grid size; 6x6 boxes are 2 rows x 3 columns.
 BOX_SHAPES: dict[int, tuple[int, int]] = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
@@ -46,11 +48,11 @@ BLANK_CHARS = ".0"
 DIGIT_CHARS = "123456789"
 
 
-class SudokuGenerationError(RuntimeError):
-    """The generator could not produce what was asked for (too few givens, too many distinct puzzles)."""
+class SudokuGenerationError(ConfigError):
+    """The generator cannot produce what the config asks for (too few givens, too many distinct puzzles)."""
 
 
-class SudokuFileError(ValueError):
+class SudokuFileError(ConfigError):
     """A puzzle file is malformed; the message names the file and line."""
 
 
@@ -279,14 +281,14 @@ def generate_puzzle(
         fewest = min(fewest, reached)
     raise SudokuGenerationError(
         f"could not generate a {n}x{n} Sudoku with {givens} givens and a unique solution in {max_attempts} "
-        f"attempts: random removal got down to {fewest} givens at best; use givens >= {fewest}"
+        f"attempts: random removal got down to {fewest} givens at best; use data.givens >= {fewest}"
     )
 
 
 def validate_givens(n: int, givens: Any) -> None:
     if isinstance(givens, bool) or not isinstance(givens, int) or not MIN_GIVENS[n] <= givens <= n * n:
-        raise ValueError(
-            f"givens must be an integer in {MIN_GIVENS[n]}..{n * n} for a {n}x{n} Sudoku "
+        raise ConfigError(
+            f"data.givens must be an integer in {MIN_GIVENS[n]}..{n * n} for a {n}x{n} Sudoku "
             f"(fewer than {MIN_GIVENS[n]} givens never has a unique solution), got {givens!r}"
         )
 
@@ -313,7 +315,9 @@ def is_consistent(puzzle: np.ndarray, solution: np.ndarray) -> bool:
 def _parse_grid(text: str, n: int, allow_blanks: bool, what: str, where: str) -> np.ndarray:
     text = text.strip()
     if len(text) != n * n:
-        raise SudokuFileError(f"{where}: {what} has {len(text)} characters, expected {n * n} for a {n}x{n} Sudoku")
+        other = math.isqrt(len(text))
+        hint = f"; for {other}x{other} Sudokus set data.size={other}" if other in BOX_SHAPES and other * other == len(text) else ""
+        raise SudokuFileError(f"{where}: {what} has {len(text)} characters, expected {n * n} for a {n}x{n} Sudoku{hint}")
     digits = []
     for i, ch in enumerate(text):
         if ch in BLANK_CHARS and allow_blanks:
@@ -336,9 +340,21 @@ def load_csv(path: Path | str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """
     path = Path(path)
     box_shape(n)
-    puzzles, solutions = [], []
     if not path.is_file():
-        raise SudokuFileError(f"{path}: Sudoku CSV not found")
+        raise SudokuFileError(f"{path}: Sudoku CSV not found; fix the path")
+    try:
+        puzzles, solutions = _read_csv_rows(path, n)
+    except UnicodeDecodeError as e:
+        raise SudokuFileError(not_utf8_message(path)) from e
+    except csv.Error as e:  # e.g. a NUL byte: the file is not text
+        raise SudokuFileError(f"{path}: not a CSV file ({e}); expected `puzzle,solution` rows") from e
+    if not puzzles:
+        raise SudokuFileError(f"{path}: no puzzles found; expected `puzzle,solution` rows")
+    return np.stack(puzzles), np.stack(solutions)
+
+
+def _read_csv_rows(path: Path, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    puzzles, solutions = [], []
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f)
         puzzle_col, solution_col = 0, 1
@@ -360,18 +376,18 @@ def load_csv(path: Path | str, n: int) -> tuple[np.ndarray, np.ndarray]:
             puzzle = _parse_grid(row[puzzle_col], n, True, "the puzzle", where)
             solution = _parse_grid(row[solution_col], n, False, "the solution", where)
             if not is_valid_solution(solution):
-                raise SudokuFileError(f"{where}: the solution is not a valid {n}x{n} Sudoku (a row, column or box repeats a digit)")
+                raise SudokuFileError(
+                    f"{where}: the solution is not a valid {n}x{n} Sudoku (a row, column or box repeats a digit); fix or delete the row"
+                )
             if not is_consistent(puzzle, solution):
                 bad = int(np.flatnonzero((puzzle != 0) & (puzzle != solution))[0])
                 raise SudokuFileError(
                     f"{where}: the solution contradicts the puzzle at cell {bad + 1} "
-                    f"(given {int(puzzle.flat[bad])}, solution {int(solution.flat[bad])})"
+                    f"(given {int(puzzle.flat[bad])}, solution {int(solution.flat[bad])}); fix or delete the row"
                 )
             puzzles.append(puzzle)
             solutions.append(solution)
-    if not puzzles:
-        raise SudokuFileError(f"{path}: no puzzles found")
-    return np.stack(puzzles), np.stack(solutions)
+    return puzzles, solutions
 
 
 def _looks_like_grid(cell: str) -> bool:
@@ -587,7 +603,8 @@ class SudokuBuilder(GridPuzzleBuilder):
         train_csv: str | None = None,
         val_csv: str | None = None,
     ) -> None:
-        box_shape(size)
+        if isinstance(size, bool) or size not in BOX_SHAPES:
+            raise ConfigError(f"data.size must be one of {sorted(BOX_SHAPES)} (the Sudoku side), got {size!r}")
         super().__init__(root, size, num_train_puzzles, num_val_puzzles, num_aug, seed, train_csv, val_csv)
         self.givens = DEFAULT_GIVENS[size] if givens is None else givens
         validate_givens(size, self.givens)
@@ -606,7 +623,7 @@ class SudokuBuilder(GridPuzzleBuilder):
         return f"with {self.givens} givens"
 
     def generation_hint(self) -> str:
-        return "ask for fewer puzzles or change givens"
+        return "lower data.num_train_puzzles / data.num_val_puzzles or change data.givens"
 
     def generate_one(self, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
         puzzle, solution = generate_puzzle(self.size, self.givens, rng)

@@ -5,7 +5,8 @@
     python -m dataset.streaming status DATASET_DIR
 
 Exit codes of `build`: 0 when the dataset is complete (or another builder runs on it), 0 after SIGTERM
-and 130 after SIGINT (stopped after a complete file: the same command resumes it).
+and 130 after SIGINT (stopped after a complete file: the same command resumes it), 2 for a bad source
+file or config value (the message, without a traceback, is the last line of the log).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from hydra.utils import get_class
 
 from dataset.streaming.manifest import LOCK_FILE, read_manifest
 from dataset.streaming.shards import BuilderBusyError, BuildInterrupted, StreamingDatasetBuilder
+from utils.config.errors import ConfigError
+from utils.signals import EXIT_CONFIG
 from utils.storage.locks import is_locked
 
 log = logging.getLogger("dataset.streaming.cli")
@@ -69,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except BuildInterrupted as e:
         log.warning("%s; run it again to resume", e)
         return e.exit_code
+    except ConfigError as e:  # a bad source file or config value: the message says what to fix
+        log.error("%s", e)
+        return EXIT_CONFIG
     return 0
 
 

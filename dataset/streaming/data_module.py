@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dataset.base import require_int
+from dataset.errors import load_tensor_file
 from dataset.streaming.manifest import (
     MANIFEST_FILE,
     StreamingDatasetError,
@@ -137,7 +138,8 @@ class StreamingDataModule(Callback, abc.ABC):
         manifest = read_manifest(self.root)
         self.builder.check_params(manifest)
         if manifest is not None and manifest["complete"]:
-            log.info("Dataset %s is complete: %s", self.root, describe(manifest))
+            # Only a check (train.py, then the trainer twice): the build itself logged the dataset.
+            log.debug("Dataset %s is complete: %s", self.root, describe(manifest))
             return
         if not incremental:
             if self.builder.is_building():
@@ -149,7 +151,7 @@ class StreamingDataModule(Callback, abc.ABC):
         if not self.builder.is_building():
             self._spawn_builder()
         if manifest is not None and self._ready(manifest):
-            log.info("Dataset %s: %s; the builder goes on in the background", self.root, describe(manifest))
+            log.debug("Dataset %s: %s; the builder goes on in the background", self.root, describe(manifest))
             return
         manifest = self._wait(self._ready, f"{consolidated_name(self.val_files - 1)} was written")
         log.info("Dataset %s: %s; training can start, the builder goes on in the background", self.root, describe(manifest))
@@ -311,11 +313,7 @@ class StreamingDataModule(Callback, abc.ABC):
             raise StreamingDatasetError(f"{self.root / consolidated_name(index)} is not in the manifest; {self.rebuild_hint}")
         entry = entries[index]
         path = self.root / entry["file"]
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # whatever the reason, the file is unusable
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            raise StreamingDatasetError(f"{path} could not be loaded ({type(e).__name__}: {first_line}); {self.rebuild_hint}") from e
+        data = load_tensor_file(path, StreamingDatasetError, self.rebuild_hint)
         spec = self._manifest["row_spec"]
         problems = []
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):

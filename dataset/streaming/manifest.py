@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from utils.config.validation import ConfigError
+from dataset.errors import REBUILD_HINT, not_utf8_message
+from utils.config.errors import ConfigError
 from utils.storage.atomic import atomic_torch_save, atomic_write_text
 
 MANIFEST_FILE = "manifest.json"
@@ -49,12 +50,11 @@ LOG_FILE = "builder.log"
 TEMP_SUFFIX = ".tmp"
 BATCH_RE = re.compile(r"^batch_(\d{5,})\.pt$")
 CONSOLIDATED_RE = re.compile(r"^consolidated_(\d{3,})\.pt$")
-REBUILD_HINT = "rebuild it with `python train.py data=<this data config> --rebuild-dataset`"
 MANIFEST_KEYS = ("format", "params_hash", "batches_written", "examples_written", "consolidated", "complete")
 
 
-class StreamingDatasetError(RuntimeError):
-    """A dataset directory or source file is not what the builder/loader expects (message names it)."""
+class StreamingDatasetError(ConfigError):
+    """A dataset directory or source file is not what the builder/loader expects (message names it and the fix)."""
 
 
 class DatasetMismatchError(ConfigError):
@@ -91,10 +91,12 @@ def read_manifest(root: Path | str) -> dict[str, Any] | None:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError as e:
+        raise StreamingDatasetError(not_utf8_message(path, fix=REBUILD_HINT)) from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise StreamingDatasetError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); {REBUILD_HINT}") from e
+        raise StreamingDatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); {REBUILD_HINT}") from e
     missing = [k for k in MANIFEST_KEYS if k not in data] if isinstance(data, dict) else list(MANIFEST_KEYS)
     if missing:
         raise StreamingDatasetError(f"{path} lacks {missing}; {REBUILD_HINT}")

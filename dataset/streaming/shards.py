@@ -33,13 +33,13 @@ from typing import Any, ClassVar
 import torch
 
 from dataset.base import DatasetBuilder, require_int
+from dataset.errors import REBUILD_HINT, load_tensor_file
 from dataset.streaming.manifest import (
     BATCH_RE,
     CONSOLIDATED_RE,
     LOCK_FILE,
     LOG_FILE,
     MANIFEST_FILE,
-    REBUILD_HINT,
     TEMP_SUFFIX,
     DatasetMismatchError,
     StreamingDatasetError,
@@ -50,6 +50,7 @@ from dataset.streaming.manifest import (
     write_json,
     write_shard,
 )
+from utils.config.errors import ConfigError
 from utils.signals import GracefulShutdown
 from utils.storage.atomic import fsync_dir
 
@@ -119,10 +120,10 @@ class StreamingDatasetBuilder(DatasetBuilder):
         throttle_s: float = 0.0,
         fault_pause_s: float = 0.0,
     ) -> None:
-        require_int("examples_per_batch", examples_per_batch, 1)
-        require_int("batches_per_consolidated", batches_per_consolidated, 1)
+        require_int("data.examples_per_batch", examples_per_batch, 1)
+        require_int("data.batches_per_consolidated", batches_per_consolidated, 1)
         if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1):
-            raise ValueError(f"max_examples must be null or an integer >= 1, got {max_examples!r}")
+            raise ConfigError(f"data.max_examples must be null or an integer >= 1, got {max_examples!r}")
         super().__init__(root)
         self.examples_per_batch = examples_per_batch
         self.batches_per_consolidated = batches_per_consolidated
@@ -357,7 +358,7 @@ class StreamingDatasetBuilder(DatasetBuilder):
         if manifest["row_spec"] is None:
             manifest["row_spec"] = spec
         elif spec != manifest["row_spec"]:
-            raise StreamingDatasetError(
+            raise RuntimeError(  # a bug of the builder, not of the config: keep the traceback
                 f"{type(self).__name__}.encode returned {spec} for batch {index}, but earlier batches had "
                 f"{manifest['row_spec']}"
             )
@@ -376,12 +377,7 @@ class StreamingDatasetBuilder(DatasetBuilder):
         count = min(self.batches_per_consolidated, int(manifest["batches_written"]) - first)
         parts = []
         for i in range(first, first + count):
-            path = self.root / batch_name(i)
-            try:
-                parts.append(torch.load(path, map_location="cpu", weights_only=True))
-            except Exception as e:  # any failure means the file is unusable
-                first_line = (str(e).strip().splitlines() or [""])[0]
-                raise StreamingDatasetError(f"{path} could not be loaded ({type(e).__name__}: {first_line}); {REBUILD_HINT}") from e
+            parts.append(load_tensor_file(self.root / batch_name(i), StreamingDatasetError))
         tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         index = len(manifest["consolidated"])
         name = consolidated_name(index)

@@ -1,8 +1,10 @@
 """Training-curve figures, drawn from a run's metrics.jsonl into `<run_dir>/plots/*.png`.
 
 - `make_plots(run_dir)`: loss (train and validation, total and per term), learning rates, gradient
-  norms (total and per component) and the other validation metrics. Used by the trainer and by
-  `python -m utils.monitoring.report`; needs no service, only the run directory.
+  norms (total and per component), one panel per other validation metric (`val_metrics.png`: an
+  accuracy in 0..1 and a cross-entropy of 4 would share no useful axis) and one per metric the model
+  reports during training (`train_metrics.png`: names with a namespace, like `train/act/steps`). Used
+  by the trainer and by `python -m utils.monitoring.report`; needs no service, only the run directory.
 - `FigureMaker`: what the trainer calls at each evaluation (at most once every `min_interval_s`
   seconds, so plotting never dominates a fast run) and at the end. It also calls the model-family
   hook: any source (the unwrapped model, an evaluator) with a method
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 PLOTS_DIR = "plots"
 MAX_POINTS = 3000  # longer curves are subsampled before drawing
+PANEL_COLUMNS = 3  # metric panels per row
 
 
 def read_records(run_dir: Path | str) -> list[dict[str, Any]]:
@@ -49,7 +52,8 @@ def read_records(run_dir: Path | str) -> list[dict[str, Any]]:
     return records
 
 
-def _series(records: list[dict[str, Any]], kind: str) -> dict[str, tuple[list[int], list[float]]]:
+def series_of(records: list[dict[str, Any]], kind: str) -> dict[str, tuple[list[int], list[float]]]:
+    """{metric: (steps, values)} of the records of one kind ("train", "val")."""
     out: dict[str, tuple[list[int], list[float]]] = {}
     for rec in records:
         if rec.get("kind") != kind:
@@ -128,74 +132,120 @@ def _stage_starts(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
     return [starts[k] for k in sorted(starts)]
 
 
-def _mark_stages(ax: Any, stages: list[tuple[int, str]]) -> None:
+def _mark_stages(ax: Any, stages: list[tuple[int, str]], label: bool = True) -> None:
     """A dotted vertical line at each stage change, labelled with the stage's name at the top."""
     for step, name in stages:
         ax.axvline(step, color="0.4", linestyle=":", linewidth=1.0)
-        ax.annotate(name, xy=(step, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
-                    textcoords="offset points", fontsize=7, color="0.3")
+        if label:
+            ax.annotate(name, xy=(step, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                        textcoords="offset points", fontsize=7, color="0.3")
+
+
+def metric_panels(title: str, keys: list[str], series: dict[str, tuple[list[int], list[float]]],
+                   stages: list[tuple[int, str]], smooth: bool = False) -> Any:
+    """A grid of small plots sharing the step axis, one per metric, each titled with its key and
+    scaled to its own values."""
+    from matplotlib.figure import Figure
+
+    columns = min(PANEL_COLUMNS, len(keys))
+    rows = math.ceil(len(keys) / columns)
+    fig = Figure(figsize=(max(3.3 * columns + 0.5, 5.5), 2.4 * rows + 0.7), layout="constrained")
+    fig.suptitle(title)
+    grid = fig.subplots(rows, columns, sharex=True, squeeze=False)
+    for i, key in enumerate(keys):
+        ax = grid[i // columns][i % columns]
+        ax.set_title(key, fontsize=9)
+        ax.set_ylabel(key.rsplit("/", 1)[-1], fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+        _log_scale_if_positive(ax, _plot_lines(ax, series, [key], smooth=smooth, linewidth=1.4))
+        _mark_stages(ax, stages, label=i < columns)  # stage names once, on the top row
+        # The lowest panel of each column carries the step labels (sharex hides the others').
+        if i + columns >= len(keys):
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel("step", fontsize=8)
+    for j in range(len(keys), rows * columns):
+        grid[j // columns][j % columns].set_visible(False)
+    return fig
+
+
+def figure_keys(train: dict[str, Any], val: dict[str, Any]) -> dict[str, list[str]]:
+    """Which metric goes to which figure: {"loss_train", "loss_val", "lr", "grad_norm", "val_metrics",
+    "train_metrics": [keys]}, from the keys of the train and validation series."""
+    grad_keys = sorted(k for k in train if k == "train/grad_norm" or k.startswith("train/grad_norm/"))
+    # train/<name> is a loss term; train/<namespace>/<name> a metric of the model (train/act/steps, see
+    # utils/contract.py), which gets a panel of its own.
+    model_metric_keys = sorted(k for k in train if k.startswith("train/") and k.count("/") > 1 and k not in grad_keys)
+    loss_terms = sorted(
+        k.split("/", 1)[1] for k in train
+        if k.startswith("train/") and k not in grad_keys and k not in model_metric_keys and k != "train/nonfinite_total"
+    )
+    loss_terms.sort(key=lambda t: t != "loss")  # the total first
+    val_loss_keys = [f"val/{t}" for t in loss_terms if f"val/{t}" in val]
+    if "val/loss" in val and "val/loss" not in val_loss_keys:
+        val_loss_keys.insert(0, "val/loss")
+    # Every other validation metric gets a panel; a loss term hidden below is drawn nowhere.
+    val_metric_keys = sorted(k for k in val if k not in val_loss_keys)
+
+    # A single term equal to the total everywhere (loss = ce) would only hide the total's line.
+    loss_terms = [t for t in loss_terms if t == "loss" or train.get(f"train/{t}") != train.get("train/loss")]
+    val_loss_keys = [k for k in val_loss_keys if k == "val/loss" or val.get(k) != val.get("val/loss")]
+    return {
+        "loss_train": [f"train/{t}" for t in loss_terms],
+        "loss_val": val_loss_keys,
+        "lr": sorted(k for k in train if k.startswith("lr/")),
+        "grad_norm": grad_keys,
+        "val_metrics": val_metric_keys,
+        "train_metrics": model_metric_keys,
+    }
 
 
 def make_plots(run_dir: Path | str, records: list[dict[str, Any]] | None = None) -> dict[str, Path]:
     """Draw the standard figures into <run_dir>/plots/; returns {name: png path} (empty without metrics)."""
     run_dir = Path(run_dir)
     records = read_records(run_dir) if records is None else records
-    train, val = _series(records, "train"), _series(records, "val")
+    train, val = series_of(records, "train"), series_of(records, "val")
     if not train and not val:
         return {}
     out_dir = run_dir / PLOTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     images: dict[str, Path] = {}
     stages = _stage_starts(records)
+    keys = figure_keys(train, val)
 
-    grad_keys = sorted(k for k in train if k == "train/grad_norm" or k.startswith("train/grad_norm/"))
-    loss_terms = sorted(
-        k.split("/", 1)[1] for k in train
-        if k.startswith("train/") and k not in grad_keys and k != "train/nonfinite_total"
-    )
-    loss_terms.sort(key=lambda t: t != "loss")  # the total first
-    val_loss_keys = [f"val/{t}" for t in loss_terms if f"val/{t}" in val]
-    if "val/loss" in val and "val/loss" not in val_loss_keys:
-        val_loss_keys.insert(0, "val/loss")
-
-    # A single term equal to the total everywhere (loss = ce) would only hide the total's line.
-    loss_terms = [t for t in loss_terms if t == "loss" or train.get(f"train/{t}") != train.get("train/loss")]
-    val_loss_keys = [k for k in val_loss_keys if k == "val/loss" or val.get(k) != val.get("val/loss")]
-    train_loss_keys = [f"train/{t}" for t in loss_terms]
-    if train_loss_keys or val_loss_keys:
-        terms = list(dict.fromkeys([k.split("/", 1)[1] for k in train_loss_keys + val_loss_keys]))
+    if keys["loss_train"] or keys["loss_val"]:
+        terms = list(dict.fromkeys([k.split("/", 1)[1] for k in keys["loss_train"] + keys["loss_val"]]))
         colors = {f"{split}/{t}": f"C{i % 10}" for i, t in enumerate(terms) for split in ("train", "val")}
         fig, ax = _figure("loss (train: solid, smoothed over the raw curve; val: dashed)")
-        drawn = _plot_lines(ax, train, train_loss_keys, smooth=True, colors=colors, linewidth=1.6)
-        drawn += _plot_lines(ax, val, val_loss_keys, colors=colors, linestyle="--", linewidth=1.4)
+        drawn = _plot_lines(ax, train, keys["loss_train"], smooth=True, colors=colors, linewidth=1.6)
+        drawn += _plot_lines(ax, val, keys["loss_val"], colors=colors, linestyle="--", linewidth=1.4)
         _log_scale_if_positive(ax, drawn)
         ax.legend(fontsize=8)
         _mark_stages(ax, stages)
         images["loss"] = _save(fig, out_dir / "loss.png")
 
-    lr_keys = sorted(k for k in train if k.startswith("lr/"))
-    if lr_keys:
+    if keys["lr"]:
         fig, ax = _figure("learning rate")
-        _plot_lines(ax, train, lr_keys)
+        _plot_lines(ax, train, keys["lr"])
         ax.legend(fontsize=8)
         _mark_stages(ax, stages)
         images["lr"] = _save(fig, out_dir / "lr.png")
 
-    if grad_keys:
+    if keys["grad_norm"]:
         fig, ax = _figure("gradient norm (before clipping; total and per component)")
-        drawn = _plot_lines(ax, train, grad_keys, smooth=True)
+        drawn = _plot_lines(ax, train, keys["grad_norm"], smooth=True)
         _log_scale_if_positive(ax, drawn)
         ax.legend(fontsize=8)
         _mark_stages(ax, stages)
         images["grad_norm"] = _save(fig, out_dir / "grad_norm.png")
 
-    other_val = sorted(k for k in val if k not in val_loss_keys)
-    if other_val:
-        fig, ax = _figure("validation metrics")
-        _plot_lines(ax, val, other_val)
-        ax.legend(fontsize=8)
-        _mark_stages(ax, stages)
+    if keys["val_metrics"]:
+        fig = metric_panels("validation metrics", keys["val_metrics"], val, stages)
         images["val_metrics"] = _save(fig, out_dir / "val_metrics.png")
+
+    if keys["train_metrics"]:
+        fig = metric_panels("metrics the model reports during training", keys["train_metrics"], train, stages, smooth=True)
+        images["train_metrics"] = _save(fig, out_dir / "train_metrics.png")
     return images
 
 

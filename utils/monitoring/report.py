@@ -4,6 +4,10 @@ Reads only the run directory (metrics.jsonl, latest.pt, .hydra/config.yaml); no 
 Prints steps, the best value of the monitored metric and its step, the last validation metrics, the
 stop reason, non-finite steps, wall time (summed over the sessions that recorded a start and a stop),
 tracker run ids and where their files are; then redraws `<run_dir>/plots/*.png`.
+
+The best evaluation is the checkpoint's (what the trainer decided); without one it is found in
+metrics.jsonl by the trainer's rule: an evaluation is the new best only when it beats the best so far
+by more than `trainer.early_stopping.min_delta` (`is_improvement`).
 Exit code 2 for a directory that is not a run directory.
 """
 
@@ -33,16 +37,35 @@ def _load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _monitor(run_dir: Path, ckpt: dict[str, Any] | None) -> tuple[str | None, str]:
-    cfg = (ckpt or {}).get("config") or {}
-    trainer = cfg.get("trainer") or {}
-    if not trainer:
-        hydra_cfg = run_dir / ".hydra" / "config.yaml"
-        if hydra_cfg.exists():
-            from omegaconf import OmegaConf
+def _trainer_config(run_dir: Path, ckpt: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's `trainer` config: the checkpoint's (the last session's), else .hydra/config.yaml's."""
+    trainer = ((ckpt or {}).get("config") or {}).get("trainer") or {}
+    hydra_cfg = run_dir / ".hydra" / "config.yaml"
+    if not trainer and hydra_cfg.exists():
+        from omegaconf import OmegaConf
 
-            trainer = (OmegaConf.to_container(OmegaConf.load(hydra_cfg)) or {}).get("trainer") or {}
-    return trainer.get("monitor"), trainer.get("monitor_mode") or "min"
+        # resolve=False: an interpolation of the hydra node (${hydra:...}) cannot resolve outside a run
+        trainer = (OmegaConf.to_container(OmegaConf.load(hydra_cfg), resolve=False) or {}).get("trainer") or {}
+    return trainer
+
+
+def is_improvement(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """The trainer's rule for a new best evaluation: a finite value that beats `best` by more than `min_delta`."""
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def best_evaluation(val: list[dict[str, Any]], monitor: str, mode: str, min_delta: float) -> tuple[float | None, int | None]:
+    """(best value, its step) of `monitor` over validation records, chosen as the trainer chooses."""
+    best, best_step = None, None
+    for rec in val:
+        value = rec.get(monitor)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and is_improvement(value, best, mode, min_delta):
+            best, best_step = float(value), rec["step"]
+    return best, best_step
 
 
 def _fmt(value: Any) -> str:
@@ -69,19 +92,18 @@ def summarize(run_dir: Path) -> list[str]:
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "val"]
     events = [r for r in records if r.get("kind") == "event"]
-    t = (ckpt or {}).get("trainer") or {}
-    monitor, mode = _monitor(run_dir, ckpt)
+    t = (ckpt or {}).get("train_state") or {}
+    trainer_cfg = _trainer_config(run_dir, ckpt)
+    monitor, mode = trainer_cfg.get("monitor"), trainer_cfg.get("monitor_mode") or "min"
+    min_delta = float((trainer_cfg.get("early_stopping") or {}).get("min_delta") or 0.0)
 
     lines = [f"run directory:   {run_dir}"]
     last_step = max([r["step"] for r in records] + [t.get("step", 0)], default=0)
     lines.append(f"steps:           {t.get('step', last_step)}" + ("" if ckpt else " (no checkpoint; from metrics.jsonl)"))
 
     best, best_step = t.get("best_metric"), t.get("best_step")
-    if best is None and monitor and any(monitor in r for r in val):
-        candidates = [r for r in val if isinstance(r.get(monitor), (int, float)) and math.isfinite(r[monitor])]
-        if candidates:
-            pick = (max if mode == "max" else min)(candidates, key=lambda r: r[monitor])
-            best, best_step = pick[monitor], pick["step"]
+    if best is None and monitor:
+        best, best_step = best_evaluation(val, monitor, mode, min_delta)
     if monitor:
         best_text = f"{_fmt(best)} at step {best_step}" if best is not None else "never evaluated"
         lines.append(f"best {monitor} ({mode}): {best_text}")
