@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -65,7 +66,38 @@ BAD_INPUTS = [
     ("train.py", ["optim=sgd"], 2, ["optim._target_", "--fresh", "run_name"]),
     ("train.py", ["model.width=64"], 2, ["model.width", "--fresh"]),
     ("train.py", ["data.p=29"], 2, ["data.p", "--fresh"]),
+    ("pretrain.py", ["data.p=91"], 2, ["data.p must be a prime"]),
+    # Bad data files ({files}: written by the fixture; {data}: a data root of this row's own).
+    ("train.py", ["experiment=trm_sudoku", "data.size=4", "data.train_csv={files}/bad_row.csv",
+                  "data.val_csv={files}/good.csv"], 2, ["bad_row.csv:3:", "expected 1..4"]),
+    ("train.py", ["experiment=trm_sudoku", "data.size=4", "data.train_csv={files}/latin1.csv",
+                  "data.val_csv={files}/good.csv"], 2, ["latin1.csv:2:", "not UTF-8", "save the file as UTF-8"]),
+    ("train.py", ["experiment=trm_arc", "data.arc_dir={files}/arc_ragged"], 2,
+     ["arc-agi_training_challenges.json", "row 1 has 1 cells but row 0 has 2"]),
+    ("train.py", ["experiment=trm_arc", "data.arc_dir={files}/arc_colour"], 2,
+     ["arc-agi_training_challenges.json", "is 11", "colours must be ints 0..9"]),
+    ("train.py", ["paths.data_root={data}"], 2, ["data.pt is truncated or damaged", "--rebuild-dataset"]),
 ]
+
+
+GOOD_4X4 = ("1234341221434321", "1234341221434321")  # puzzle (all given) and solution
+
+
+def _write_bad_files(files: Path) -> None:
+    files.mkdir()
+    good = "puzzle,solution\n" + "\n".join(",".join(GOOD_4X4) for _ in range(3)) + "\n"
+    (files / "good.csv").write_text(good)
+    (files / "bad_row.csv").write_text(good.replace("1234341221434321,1234341221434321\n1234",
+                                                    "1234341221434321,1234341221434321\n1239", 1))
+    (files / "latin1.csv").write_bytes(b"puzzle,solution\n12343412214343\xe921,1234341221434321\n")
+    task = {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}], "test": [{"input": [[1, 2], [3, 4]]}]}
+    for name, broken_output in (("arc_ragged", [[4, 3], [2]]), ("arc_colour", [[4, 3], [11, 1]])):
+        arc = files / name
+        arc.mkdir()
+        bad = {"t0": {**task, "train": [{"input": [[1, 2], [3, 4]], "output": broken_output}]}}
+        for subset in ("training", "evaluation"):
+            (arc / f"arc-agi_{subset}_challenges.json").write_text(json.dumps(bad if subset == "training" else {"t1": task}))
+            (arc / f"arc-agi_{subset}_solutions.json").write_text(json.dumps({"t0" if subset == "training" else "t1": [[[4, 3], [2, 1]]]}))
 
 
 def _snapshot(run_dir: Path) -> dict[str, str]:
@@ -84,12 +116,21 @@ def bad_input_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[
     data = base / "ds"
     first = run("train.py", *FAST, "run_name=base", *paths(base / "ck", data))
     assert first.returncode == 0, first
+    _write_bad_files(base / "files")
     commands, snapshots = {}, {}
     for i, (script, overrides, _, _) in enumerate(BAD_INPUTS):
         root = base / f"case{i}"
         shutil.copytree(base / "ck", root)
+        own_data = base / f"data{i}"
+        if any("{data}" in o for o in overrides):  # a built dataset with its data.pt cut in half
+            shutil.copytree(data, own_data)
+            (table,) = own_data.rglob("data.pt")
+            table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
         snapshots[i] = _snapshot(root / "base")
-        commands[i] = [script, *FAST, "run_name=base", *overrides, *paths(root, data)]
+        filled = [o.format(files=base / "files", data=own_data) for o in overrides]
+        # Another experiment's rows leave out the tiny grokking model (its keys do not exist there).
+        shrink = ["debug=fast", "trainer.device=cpu"] if any(o.startswith("experiment=") for o in overrides) else FAST
+        commands[i] = [script, *shrink, "run_name=base", *paths(root, data), *filled]
     results = run_parallel(commands, timeout=180, max_parallel=3)
     return {i: (results[i], base / f"case{i}" / "base", snapshots[i]) for i in commands}
 

@@ -14,12 +14,12 @@ Exit code 2 for a directory that is not a run directory.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from utils.monitoring.plots import make_plots, read_records
+from utils.training.state import is_improvement
 
 EXIT_NOT_A_RUN = 2
 
@@ -47,15 +47,6 @@ def _trainer_config(run_dir: Path, ckpt: dict[str, Any] | None) -> dict[str, Any
         # resolve=False: an interpolation of the hydra node (${hydra:...}) cannot resolve outside a run
         trainer = (OmegaConf.to_container(OmegaConf.load(hydra_cfg), resolve=False) or {}).get("trainer") or {}
     return trainer
-
-
-def is_improvement(value: float, best: float | None, mode: str, min_delta: float) -> bool:
-    """The trainer's rule for a new best evaluation: a finite value that beats `best` by more than `min_delta`."""
-    if not math.isfinite(value):
-        return False
-    if best is None:
-        return True
-    return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
 def best_evaluation(val: list[dict[str, Any]], monitor: str, mode: str, min_delta: float) -> tuple[float | None, int | None]:

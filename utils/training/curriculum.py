@@ -20,13 +20,13 @@ the train state and in every checkpoint; a resumed run re-enters its stage exact
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from utils.config.errors import ConfigError
+from utils.training.state import is_improvement
 
 GRAD_FILTER_MODES = ("inherit", "none")
 
@@ -40,9 +40,7 @@ class AdvanceCriterion:
     min_delta: float = 0.0
 
     def improved(self, value: float, best: float | None) -> bool:
-        if best is None:
-            return math.isfinite(value)
-        return value > best + self.min_delta if self.mode == "max" else value < best - self.min_delta
+        return is_improvement(value, best, self.mode, self.min_delta)
 
     def reached(self, value: float) -> bool:
         if self.threshold is None:

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from utils.training.trainer import Trainer
+
+
+def is_improvement(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """The rule for a new best evaluation (best.pt, early stopping, a stage's plateau, the report): a finite
+    value that beats `best` by more than `min_delta` in the direction of `mode` (max | min)."""
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
 @dataclass

@@ -47,7 +47,7 @@ from utils.training.callbacks import Callback, CallbackList
 from utils.training.curriculum import Curriculum, Stage, stage_data_config
 from utils.training.data_loading import ResumableDistributedSampler, ShardSampler, make_loader
 from utils.training.intervals import Interval, parse_interval
-from utils.training.state import FitResult, TrainState
+from utils.training.state import FitResult, TrainState, is_improvement
 
 log = logging.getLogger(__name__)
 
@@ -710,11 +710,8 @@ class Trainer:
             if steps_per_call(sch) == "eval":
                 sch.step(value)
         es = self.tcfg.early_stopping
-        maximize = self.tcfg.monitor_mode == "max"
-        improved = s.best_metric is None or (
-            value > s.best_metric + es.min_delta if maximize else value < s.best_metric - es.min_delta
-        )
-        if improved and math.isfinite(value) and not s.consecutive_nonfinite:
+        improved = is_improvement(value, s.best_metric, self.tcfg.monitor_mode, es.min_delta)
+        if improved and not s.consecutive_nonfinite:
             s.best_metric, s.best_step, s.evals_without_improvement = value, s.step, 0
             if self.tcfg.checkpoint.save_best and self.dist.is_main:
                 best = {"model": self.model.state_dict(), "step": s.step, "metric": value, "monitor": monitor}
