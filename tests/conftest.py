@@ -68,7 +68,7 @@ def compose_config(*overrides: str) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
-def _remove_launcher_log_handlers() -> None:
+def remove_launcher_log_handlers() -> None:
     """utils.monitoring.run_logging.setup_logging leaves a train.log FileHandler open on the root logger."""
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -118,4 +118,4 @@ def make_cfg(data_root: Path, single_process: None) -> Iterator[Callable[..., Di
         yield make
     finally:
         torch.set_num_threads(threads)
-        _remove_launcher_log_handlers()
+        remove_launcher_log_handlers()

@@ -11,7 +11,6 @@ architecture formula), and the presets composing and validating with Hydra.
 from __future__ import annotations
 
 import io
-import logging
 import math
 
 import pytest
