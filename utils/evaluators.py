@@ -67,7 +67,7 @@ class SumEvaluator(abc.ABC):
         return float(self.sums[numerator]) / den if den > 0 else math.nan
 
 
-def _predictions_and_targets(
+def predictions_and_targets(
     evaluator_name: str, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], logits_key: str, target_key: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = outputs[logits_key]
@@ -92,7 +92,7 @@ class Accuracy(SumEvaluator):
         self._set_keys(logits_key, target_key, name, ignore_index)
 
     def update(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
-        pred, target = _predictions_and_targets(type(self).__name__, outputs, batch, self.logits_key, self.target_key)
+        pred, target = predictions_and_targets(type(self).__name__, outputs, batch, self.logits_key, self.target_key)
         valid = target != self.ignore_index
         self.add("correct", ((pred == target) & valid).sum())
         self.add("count", valid.sum())
@@ -120,7 +120,7 @@ class ExactMatch(SumEvaluator):
         self._set_keys(logits_key, target_key, name, ignore_index)
 
     def update(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
-        pred, target = _predictions_and_targets(type(self).__name__, outputs, batch, self.logits_key, self.target_key)
+        pred, target = predictions_and_targets(type(self).__name__, outputs, batch, self.logits_key, self.target_key)
         rows = target.shape[0] if target.ndim > 0 else 1
         pred, target = pred.reshape(rows, -1), target.reshape(rows, -1)
         valid = target != self.ignore_index

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from utils.evaluators import SumEvaluator, _predictions_and_targets
+from utils.evaluators import SumEvaluator, predictions_and_targets
 
 SOURCES = {"arc": 0, "text": 1, "code": 2}
 
 
 def _rows_of_source(evaluator: str, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], logits_key: str,
                     target_key: str, source_key: str, source: int) -> tuple[torch.Tensor, torch.Tensor]:
-    pred, target = _predictions_and_targets(evaluator, outputs, batch, logits_key, target_key)
+    pred, target = predictions_and_targets(evaluator, outputs, batch, logits_key, target_key)
     sources = batch.get(source_key)
     if sources is None:
         raise KeyError(f"{evaluator}: the batch has no {source_key!r} (per-row source ids); keys: {sorted(batch)}")

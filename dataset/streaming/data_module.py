@@ -147,6 +147,9 @@ class StreamingDataModule(Callback, abc.ABC):
                 self._wait(lambda m: bool(m["complete"]), "the dataset was complete")
             else:
                 self._build_here()
+            built = read_manifest(self.root)
+            if built is not None:
+                log.info("Dataset %s: %s", self.root, describe(built))
             return
         if not self.builder.is_building():
             self._spawn_builder()
