@@ -6,9 +6,11 @@ the monitored metric, so tests and sweeps (Optuna) call it directly.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from utils.cli import exit_code, report
 from utils.config.store import register_configs
 from utils.monitoring.run_logging import setup_logging
-from utils.training.runner import fit
+from utils.training.runner import fit, not_writable
 from utils.training.trainer import TrainingInterrupted
 
 log = logging.getLogger("pretrain")
@@ -67,4 +69,7 @@ if __name__ == "__main__":
     try:
         main()
     except Exception as err:  # noqa: BLE001 - sorted by utils.cli: user errors exit 2, bugs re-raise
+        unwritable = isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC)
+        if unwritable and err.filename is not None:  # Hydra writing <run dir>/.hydra into a read-only or full place
+            err = not_writable(Path(err.filename), err)
         sys.exit(report(err, log))

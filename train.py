@@ -30,7 +30,7 @@ from utils.config.validation import validate_config
 from utils.monitoring.run_logging import setup_logging
 from utils.storage.checkpoint import CheckpointError, CheckpointManager
 from utils.training.curriculum import Curriculum
-from utils.training.runner import move_aside, run_dir_in_use
+from utils.training.runner import check_writable, move_aside, run_dir_in_use
 from utils.training.state import TrainState
 from utils.training.trainer import finished_reason
 
@@ -86,6 +86,7 @@ def preflight(cfg: DictConfig, run_dir: Path) -> None:
     """What would otherwise fail in every rank of a torchrun job (one message instead of a traceback each)."""
     if (busy := run_dir_in_use(run_dir)) is not None:
         raise busy
+    check_writable(run_dir)
     t = cfg.trainer
     if t.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={t.device}, but no CUDA GPU is visible; use trainer.device=auto or cpu.")

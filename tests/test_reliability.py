@@ -261,3 +261,24 @@ def test_resume_refuses_another_model_or_optimizer(make_cfg, tmp_path: Path) -> 
         fit(make_cfg(tmp_path, "trainer.max_steps=8", "optim=sgd"))
     with pytest.raises(ConfigError, match=r"another model.*model\.dropout.*--fresh"):
         fit(make_cfg(tmp_path, "trainer.max_steps=8", "model.dropout=0.1"))
+
+
+def test_a_read_only_run_directory_is_a_clear_error(tmp_path: Path) -> None:
+    read_only = tmp_path / "read_only"
+    if os.geteuid() == 0:  # root writes through chmod: a read-only tmpfs refuses it too
+        read_only.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.fail(f"mount -o ro tmpfs failed: {proc.stderr.strip()}")
+    else:
+        read_only.mkdir(mode=0o555)
+    try:
+        for script in ("train.py", "pretrain.py"):
+            result = run(script, *FAST, f"paths.root={read_only}", f"paths.data_root={tmp_path / 'ds'}")
+            assert result.returncode == 2, result
+            errors = [ln for ln in result.output.splitlines() if "[ERROR]" in ln]
+            assert len(errors) == 1 and "Cannot write to the run directory" in errors[0], result
+            assert "paths.root=" in errors[0] and "Traceback" not in result.output, result
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(read_only)], check=False)

@@ -6,6 +6,8 @@ The one entry point behind `pretrain.py` (the CLI, torchrun, SLURM, sweeps) and 
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import time
 from pathlib import Path
@@ -46,6 +48,22 @@ def run_dir_in_use(run_dir: Path) -> ConfigError | None:
     )
 
 
+def not_writable(path: Path, err: OSError) -> ConfigError:
+    return ConfigError(
+        f"Cannot write to the run directory {path} ({err.strerror or err}). Fix its permissions (or free the disk), "
+        "or write elsewhere with paths.root=... (or run_name=...)."
+    )
+
+
+def check_writable(run_dir: Path) -> None:
+    """ConfigError unless `run_dir` (or the nearest existing folder it would be made in) is writable; creates nothing."""
+    existing = run_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):  # a read-only filesystem refuses root too (EROFS)
+        raise not_writable(run_dir, PermissionError(errno.EACCES, f"{existing} is not writable"))
+
+
 def lock_run_dir(run_dir: Path) -> FileLock:
     """Create `run_dir` and hold its lock; ConfigError when it is not writable or another run holds it."""
     lock = FileLock(run_dir / RUN_LOCK)
@@ -54,10 +72,7 @@ def lock_run_dir(run_dir: Path) -> FileLock:
         # A probe (is_locked) holds the lock for microseconds: a short timeout keeps one from refusing us.
         acquired = lock.acquire(timeout=0.5)
     except OSError as err:
-        raise ConfigError(
-            f"Cannot write to the run directory {run_dir} ({err.strerror}). Fix its permissions, or write "
-            "elsewhere with paths.root=... (or run_name=...)."
-        ) from None
+        raise not_writable(run_dir, err) from None
     if not acquired:
         raise run_dir_in_use(run_dir) or ConfigError(f"{run_dir} is in use by another run.")
     return lock
