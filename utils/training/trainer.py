@@ -159,12 +159,13 @@ class Trainer:
 
     def reload_train_data(self) -> None:
         """A new training loader over `data.train_dataset` (e.g. after a streaming data module took in shards)."""
+        drop_last = self.tcfg.drop_last
         self.train_sampler = ResumableDistributedSampler(
-            self.data.train_dataset, self.dist.world_size, self.dist.rank, self.cfg.seed
+            self.data.train_dataset, self.dist.world_size, self.dist.rank, self.cfg.seed, drop_last
         )
         self.train_loader = make_loader(
             self.data.train_dataset, self.train_sampler, self.batch_size, self.data.collate_fn,
-            self.tcfg.num_workers, True, self.device.type == "cuda",
+            self.tcfg.num_workers, drop_last, self.device.type == "cuda",
         )
 
     def _build_model(self, model: torch.nn.Module | None) -> None:
