@@ -3,13 +3,15 @@
 `train_model_enhanced`, `quick_train`, `create_training_config` and `AdamCosineTrainer` on a 32/8 ring
 with 60 ms trials (each run takes a second or two): histories, param_history, the best-validation
 weights, the save/load round trip through the launcher's checkpoint files and a resume from one, and
-the two example scripts plus the notebook-style example of docs/families/ring_attractor.md, each in a
-subprocess as a user runs them.
+the two example scripts (their own main(), here; in subprocesses with the slow tests) and the
+notebook-style example of docs/families/ring_attractor.md.
 """
 
 from __future__ import annotations
 
 import re
+import runpy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -138,19 +140,37 @@ def _doc_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_examples_and_the_docs_example_run(tmp_path: Path) -> None:
-    doc_script = tmp_path / "doc_example.py"
-    doc_script.write_text(f"import sys\nsys.path.insert(0, {str(REPO_ROOT)!r})\n" + _doc_example(), encoding="utf-8")
-    small = ["--n-exc", "32", "--n-inh", "8", "--epochs", "2", "--trials", "32", "--duration", "0.06"]
-    results = run_parallel({
-        "demo": ["examples/ring_attractor/demo_enhanced_training.py", *small, "--measure-trials", "4",
-                 "--run-dir", str(tmp_path / "demo")],
-        "adam_cosine": ["examples/ring_attractor/train_with_adam_cosine.py", *small, "--run-dir", str(tmp_path / "ac")],
-        "docs": [str(doc_script)],
-    }, max_parallel=2)
+SMALL = ["--n-exc", "32", "--n-inh", "8", "--epochs", "2", "--trials", "32", "--duration", "0.06"]
+EXAMPLES = {"demo": ("examples/ring_attractor/demo_enhanced_training.py", ["--measure-trials", "4"]),
+            "adam_cosine": ("examples/ring_attractor/train_with_adam_cosine.py", [])}
+
+
+def _check_example_output(name: str, output: str) -> None:
+    if name == "demo":
+        assert "Trained 2 epochs" in output and "integration error after 2 s" in output, output
+    else:
+        assert "training would resume after epoch 2" in output, output
+        assert re.search(r"Initial g_ee: 5\.0000\nFinal g_ee: \d", output), output
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_each_example_script_runs(name: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    script, extra = EXAMPLES[name]
+    monkeypatch.setattr(sys, "argv", [script, *SMALL, *extra, "--run-dir", str(tmp_path / name)])
+    runpy.run_path(str(REPO_ROOT / script), run_name="__main__")  # the script's own main(), in this process
+    _check_example_output(name, capsys.readouterr().out)
+
+
+def test_the_docs_notebook_example_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_doc_example(), str(DOC_PAGE), "exec"), {"__name__": "__main__"})  # noqa: S102 - the page's own code
+    assert re.search(r"g_ee: 5\.0000 -> \d", capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_the_examples_run_as_scripts_in_subprocesses(tmp_path: Path) -> None:
+    results = run_parallel({name: [script, *SMALL, *extra, "--run-dir", str(tmp_path / name)]
+                            for name, (script, extra) in EXAMPLES.items()}, max_parallel=2)
     for name, result in results.items():
         assert result.returncode == 0, result
-    assert "Trained 2 epochs" in results["demo"].output and "integration error after 2 s" in results["demo"].output
-    assert "training would resume after epoch 2" in results["adam_cosine"].output
-    assert re.search(r"Initial g_ee: 5\.0000\nFinal g_ee: \d", results["adam_cosine"].output)
-    assert "g_ee: 5.0000 ->" in results["docs"].output, results["docs"]
+        _check_example_output(name, result.output)

@@ -71,8 +71,10 @@ def measure_cue_tracking(model: RingAttractorNetwork, num_trials: int = 64, dura
     sim = _simulate(model, trials, noise, seed)
     mask = trials["loss_mask"].to(sim.decoded_heading.device)
     error = circular_difference(sim.decoded_heading, trials["heading"].to(mask.device)).abs() * DEGREES
-    mean = lambda values: float((values * mask).sum() / mask.sum())  # noqa: E731
-    return TrackingResult(mean(error), mean(sim.peak_over_mean), mean(sim.concentration))
+    def masked_mean(values: torch.Tensor) -> float:
+        return float((values * mask).sum() / mask.sum())
+
+    return TrackingResult(masked_mean(error), masked_mean(sim.peak_over_mean), masked_mean(sim.concentration))
 
 
 def measure_bump_stability(model: RingAttractorNetwork, num_trials: int = 64, cue_duration: float = 0.2,

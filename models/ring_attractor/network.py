@@ -58,6 +58,10 @@ def ring_kernel(n: int, sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
+def _scalar(value: float) -> nn.Parameter:
+    return nn.Parameter(torch.tensor(float(value)))
+
+
 @dataclass
 class RingState:
     """The inputs u of both populations, [batch, n_exc] and [batch, n_inh]."""
@@ -114,10 +118,9 @@ class RingAttractorNetwork(nn.Module):
         self.tau_e, self.tau_i = tau_e, tau_i
         self.noise_amplitude, self.cue_width = noise_amplitude, cue_width
         self.noise_in_eval = noise_in_eval  # a runtime knob: the bench turns noise off to measure drift
-        scalar = lambda value: nn.Parameter(torch.tensor(float(value)))  # noqa: E731
-        self.g_ee, self.g_ei, self.g_ie = scalar(g_ee), scalar(g_ei), scalar(g_ie)
-        self.noise_rate_e, self.noise_rate_i = scalar(noise_rate_e), scalar(noise_rate_i)
-        self.velocity_gain = scalar(velocity_gain)  # in units of tau_e (1: the first-order estimate)
+        self.g_ee, self.g_ei, self.g_ie = _scalar(g_ee), _scalar(g_ei), _scalar(g_ie)
+        self.noise_rate_e, self.noise_rate_i = _scalar(noise_rate_e), _scalar(noise_rate_i)
+        self.velocity_gain = _scalar(velocity_gain)  # in units of tau_e (1: the first-order estimate)
         self.W_EI = nn.Parameter(torch.full((n_inh, n_exc), float(w_ei_init)))
         self.W_IE = nn.Parameter(torch.full((n_exc, n_inh), float(w_ie_init)))
         self.register_buffer("preferred", preferred_directions(n_exc))

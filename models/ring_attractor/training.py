@@ -150,16 +150,19 @@ def epoch_history(run_dir: Path, evaluations: Sequence[Mapping[str, float]],
             for key, values in earlier.items():  # type: ignore[union-attr]
                 history.setdefault(key, []).append(values[row])
             continue
-        mean = lambda key: sum(r[key] for r in steps) / len(steps) if steps else math.nan  # noqa: E731
         history["step"].append(step)
         history["epoch"].append(int(steps[-1]["epoch"]) + 1 if steps else math.nan)
-        history["train_loss"].append(mean("train/loss"))
-        history["grad_norm"].append(mean("train/grad_norm"))
+        history["train_loss"].append(_mean(steps, "train/loss"))
+        history["grad_norm"].append(_mean(steps, "train/grad_norm"))
         history["learning_rate"].append(steps[-1]["lr/main"] if steps else math.nan)
         for key, value in evaluation.items():
             if key.startswith("val/"):
                 history.setdefault(f"val_{key.removeprefix('val/')}", []).append(value)
     return history
+
+
+def _mean(records: list[dict[str, Any]], key: str) -> float:
+    return sum(r[key] for r in records) / len(records) if records else math.nan
 
 
 class AdamCosineTrainer:
