@@ -10,6 +10,7 @@ runs experiment=ring_attractor debug=fast through the CLI and checks its bitwise
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from losses.ring_attractor import BumpShapeTerm, CircularErrorTerm
 from models.ring_attractor.constraints import ConstraintBounds, apply_constraints, constraint_violations
 from models.ring_attractor.decoding import circular_difference, peak_over_mean, population_vector, preferred_directions
 from models.ring_attractor.network import RingAttractorNetwork
-from tests.cli_helpers import paths, read_metrics, run_parallel
+from tests.cli_helpers import assert_tensors_equal, load, paths, read_metrics, run_parallel
 from tests.conftest import compose_config
 from utils.config.errors import ConfigError
 from utils.config.validation import validate_config
@@ -217,9 +218,10 @@ class ConstraintChecker(Callback):
 
 
 def test_every_constraint_holds_after_every_step_of_a_run(make_cfg, tmp_path: Path) -> None:
-    # lr 0.5: every Adam step moves each entry by about 0.5, far outside the bounds if nothing clamped it; the
-    # noise rates start next to their lower bound.
+    # lr 0.5 with eps 1e-8: every Adam step moves each entry by about 0.5, far outside the bounds if nothing
+    # clamped it; the noise rates start next to their lower bound.
     cfg = make_cfg(tmp_path, *TINY_RING, "trainer.global_batch_size=8", "trainer.max_epochs=3", "optim.lr=0.5",
+                   "optim.eps=1e-8",
                    "model.noise_rate_e=0.2", "model.noise_rate_i=0.2",
                    "+callbacks.check={_target_:tests.test_ring_attractor.ConstraintChecker}",
                    shrink_trainer=False, tiny_grokking=False)
@@ -231,6 +233,23 @@ def test_every_constraint_holds_after_every_step_of_a_run(make_cfg, tmp_path: Pa
     clamped = [r for r in read_metrics(result.run_dir, "train") if "constraints/g_ee_clamped" in r][-1]
     for name in ("W_EI", "W_IE", "noise_rate_e"):  # the constraints had work to do
         assert clamped[f"constraints/{name}_clamped"] > 0, name
+
+
+def test_a_run_resumed_from_an_epoch_checkpoint_ends_bitwise_identical(make_cfg, tmp_path: Path) -> None:
+    # 3 epochs of 4 steps, a checkpoint every epoch (steps 4, 8, 12). Resuming a copy from step 8 must give
+    # the same step-12 checkpoint: weights, AdamW and cosine state, noise RNG, param_history, clamp counts.
+    overrides = (*TINY_RING, "trainer.global_batch_size=8", "trainer.max_epochs=3")
+    first = fit(make_cfg(tmp_path, *overrides, shrink_trainer=False, tiny_grokking=False))
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(first.run_dir, resumed_dir, ignore=shutil.ignore_patterns("latest.pt*", "step_00000012.pt*"))
+    again = fit(make_cfg(tmp_path, *overrides, f"paths.run_dir={resumed_dir}", shrink_trainer=False, tiny_grokking=False))
+    assert again.state.step == 12
+    final, resumed = load(first.run_dir / "latest.pt"), load(resumed_dir / "latest.pt")
+    for checkpoint in (final, resumed):
+        checkpoint["config"].pop("paths")
+    assert_tensors_equal(final, resumed, "latest.pt")
+    history = resumed["callbacks"]["callbacks/ring_parameters"]["param_history"]
+    assert history["epoch"] == [0, 1, 2, 3]
 
 
 # ------------------------------------------------------------------ presets and the CLI

@@ -37,7 +37,11 @@ DOC_PAGE = REPO_ROOT / "docs" / "families" / "ring_attractor.md"
 
 
 @pytest.fixture(autouse=True)
-def one_thread(single_process: None) -> Any:
+def headless_one_thread(single_process: None, monkeypatch) -> Any:
+    # No display and a non-interactive matplotlib: plot_progress must list the PNGs, never open windows.
+    for name in ("DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -48,9 +52,7 @@ def tiny_ring() -> RingAttractorNetwork:
     return RingAttractorNetwork(n_exc=32, n_inh=8)
 
 
-def test_train_model_enhanced_returns_the_model_its_history_and_the_trainer(tmp_path: Path, monkeypatch, capsys) -> None:
-    for name in ("DISPLAY", "WAYLAND_DISPLAY"):  # no display: plot_progress says where the PNGs are
-        monkeypatch.delenv(name, raising=False)
+def test_train_model_enhanced_returns_the_model_its_history_and_the_trainer(tmp_path: Path, capsys) -> None:
     model = tiny_ring()
     trained, history, trainer = train_model_enhanced(model, learning_rate=1e-2, max_epochs=3, early_stopping=True,
                                                      plot_progress=True, run_dir=tmp_path / "run", **TINY_RUN)
@@ -121,6 +123,12 @@ def test_save_and_load_checkpoint_round_trip_and_resume(tmp_path: Path) -> None:
         second.load_checkpoint(corrupt)
 
 
+def test_each_trainer_gets_a_run_directory_of_its_own(tmp_path: Path) -> None:
+    config = create_training_config(overrides=(f"paths.root={tmp_path}",), **{k: v for k, v in TINY_RUN.items() if k != "overrides"})
+    first, second = AdamCosineTrainer(tiny_ring(), config), AdamCosineTrainer(tiny_ring(), config)
+    assert first.run_dir != second.run_dir and first.run_dir.parent == second.run_dir.parent == tmp_path / "ring_attractor_api"
+
+
 def test_a_checkpoint_saved_before_training_holds_the_weights(tmp_path: Path) -> None:
     model = tiny_ring()
     with torch.no_grad():
@@ -169,7 +177,8 @@ def test_the_docs_notebook_example_runs(tmp_path: Path, monkeypatch, capsys) -> 
 
 @pytest.mark.slow
 def test_the_examples_run_as_scripts_in_subprocesses(tmp_path: Path) -> None:
-    results = run_parallel({name: [script, *SMALL, *extra, "--run-dir", str(tmp_path / name)]
+    no_windows = {"demo": ["--no-plots"], "adam_cosine": []}  # a subprocess may find a display: open no window
+    results = run_parallel({name: [script, *SMALL, *extra, *no_windows[name], "--run-dir", str(tmp_path / name)]
                             for name, (script, extra) in EXAMPLES.items()}, max_parallel=2)
     for name, result in results.items():
         assert result.returncode == 0, result

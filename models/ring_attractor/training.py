@@ -118,13 +118,18 @@ def _as_config(config: TrainingConfig | Mapping[str, Any] | None) -> TrainingCon
 
 
 def _new_run_dir(root: Path) -> Path:
-    """<root>/ring_attractor_api/<date-time>[-n]: every call of the API trains in a directory of its own."""
+    """<root>/ring_attractor_api/<date-time>[-n], created now: every trainer trains in a directory of its own,
+    even two made in the same second."""
     base = root / API_RUNS / time.strftime("%Y%m%d-%H%M%S")
+    base.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
+    while True:
+        try:
+            candidate.mkdir()  # atomic: the first trainer to create it owns it
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
 
 
 def epoch_history(run_dir: Path, evaluations: Sequence[Mapping[str, float]],
