@@ -24,6 +24,7 @@ from models.ring_attractor import (
     create_training_config,
     quick_train,
     train_model_enhanced,
+    training_preset,
 )
 from models.ring_attractor.training import TrainingConfig
 from tests.cli_helpers import REPO_ROOT, assert_tensors_equal, load, run_parallel
@@ -91,6 +92,14 @@ def test_create_training_config_has_the_seed_defaults_and_refuses_bad_values() -
         create_training_config(min_lr=0.1)
     with pytest.raises(ConfigError, match=r"unknown settings \['epochs'\]"):
         create_training_config(epochs=3)
+    # The seed's "Example Configurations", read from conf/ring/ (the presets of the CLI's ring=<name>).
+    assert training_preset("conservative") == {"learning_rate": 5e-4, "max_epochs": 200, "min_lr": 1e-6,
+                                               "weight_decay": 1e-3, "batch_size": 16, "early_stopping": True,
+                                               "patience": 30}
+    assert training_preset("aggressive") == {"learning_rate": 2e-3, "max_epochs": 50, "min_lr": 1e-6,
+                                             "weight_decay": 1e-5, "batch_size": 64, "early_stopping": True,
+                                             "patience": 10}
+    assert create_training_config(**training_preset("default")) == create_training_config()
     with pytest.raises(ConfigError, match=r"data\.num_trian"):  # an override typo fails when the trainer is made
         AdamCosineTrainer(tiny_ring(), TrainingConfig(overrides=("+data.num_trian=3",)))
 

@@ -12,7 +12,8 @@ from models.ring_attractor.training import (
     quick_train,
     show_training_plots,
     train_model_enhanced,
+    training_preset,
 )
 
 __all__ = ["AdamCosineTrainer", "RingAttractorNetwork", "TrainingConfig", "create_training_config", "quick_train",
-           "show_training_plots", "train_model_enhanced"]
+           "show_training_plots", "train_model_enhanced", "training_preset"]

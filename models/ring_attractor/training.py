@@ -5,6 +5,7 @@
     model = RingAttractorNetwork(n_exc=800, n_inh=200, sigma_ee=0.3)
     trained_model, history, trainer = train_model_enhanced(model, learning_rate=1e-3, max_epochs=100)
     model, history = quick_train(model, epochs=50, lr=1e-3)
+    trained_model, history, trainer = train_model_enhanced(model, **training_preset("conservative"))
 
     config = create_training_config(learning_rate=1e-3, max_epochs=150)
     trainer = AdamCosineTrainer(model, config)
@@ -15,7 +16,7 @@
 
 There is no second training loop: `AdamCosineTrainer.train` composes `experiment=ring_attractor` with the
 config's values as overrides and calls `utils.training.api.train` with the model instance, so the run
-is the CLI's: Adam, cosine annealing to `min_lr` over `max_epochs`, the biological constraints after
+is the CLI's: AdamW, cosine annealing to `min_lr` over `max_epochs`, the biological constraints after
 every step, early stopping on val/loss, `best.pt` and a checkpoint every epoch in the run directory,
 exact resume, metrics.jsonl and plots. The checkpoints `save_checkpoint` writes are the launcher's
 own (utils/storage/checkpoint.py: atomic, with a sha256 sidecar, read back with weights_only=True).
@@ -107,6 +108,18 @@ def create_training_config(
     return TrainingConfig(float(learning_rate), int(max_epochs), float(min_lr), float(weight_decay), int(batch_size),
                           bool(early_stopping), int(patience), run_dir=None if run_dir is None else str(run_dir),
                           overrides=overrides, **more)
+
+
+def training_preset(name: str) -> dict[str, Any]:
+    """The seed's settings of the `ring=<name>` preset (conf/ring/<name>.yaml), for the functions below:
+
+        train_model_enhanced(model, **training_preset("conservative"))
+    """
+    cfg = compose([f"experiment={EXPERIMENT}", f"ring={name}"])
+    return {"learning_rate": float(cfg.optim.lr), "max_epochs": int(cfg.trainer.max_epochs),
+            "min_lr": float(cfg.schedule.min_lr), "weight_decay": float(cfg.optim.weight_decay),
+            "batch_size": int(cfg.trainer.global_batch_size), "early_stopping": bool(cfg.trainer.early_stopping.enabled),
+            "patience": int(cfg.trainer.early_stopping.patience)}
 
 
 def _as_config(config: TrainingConfig | Mapping[str, Any] | None) -> TrainingConfig:
@@ -352,5 +365,5 @@ def show_training_plots(run_dir: str | Path) -> list[Path]:
     return images
 
 
-__all__ = ["AdamCosineTrainer", "TrainingConfig", "create_training_config", "epoch_history",
-           "quick_train", "show_training_plots", "train_model_enhanced"]
+__all__ = ["AdamCosineTrainer", "TrainingConfig", "create_training_config", "epoch_history", "quick_train",
+           "show_training_plots", "train_model_enhanced", "training_preset"]
