@@ -14,6 +14,8 @@ config and for the run's best-validation weights (best.pt) side by side:
   the trained noise adds (deg^2/s), plus the fraction of bumps still there;
 - integration: a cue for 0.1 s, then 2 s of angular velocity only: decoding error at the end against
   holding the initial heading on the same trials;
+- a figure, <run dir>/plots/bench_activity.png: the trained network's E rates over time in a
+  cue-tracking and an integration trial, with the true heading;
 - speed: simulated time steps per second of one batch of 32 trials against a plain per-sample loop of
   the same equations (`RingAttractorNetwork.simulate` on one trial at a time), alternating rounds in
   one process; the ratio is the median over rounds.
@@ -41,8 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dataset.ring_attractor.tasks import cue_tracking_trials  # noqa: E402
+from dataset.ring_attractor.tasks import cue_tracking_trials, velocity_integration_trials  # noqa: E402
 from models.ring_attractor.analysis import (  # noqa: E402
+    DEGREES,
     measure_bump_stability,
     measure_cue_tracking,
     measure_integration,
@@ -109,6 +112,42 @@ def speed(model: RingAttractorNetwork, steps: int, rounds: int, batch: int = 32,
             "loop_trial_steps_per_s": steps * batch / loop}
 
 
+def draw_activity(model: RingAttractorNetwork, path: Path, dt: float = 0.002) -> Path:
+    """E rates over time (a heat map, the true heading drawn on top) of one cue-tracking trial and one
+    integration trial, with the network's noise."""
+    from matplotlib.figure import Figure
+
+    generator = torch.Generator().manual_seed(7)
+    trials = {"cue tracking (cue on throughout)": cue_tracking_trials(1, 1.0, dt, generator),
+              "integration (cue for 0.1 s, then angular velocity only)":
+                  velocity_integration_trials(1, 2.1, dt, generator, cue_duration=0.1)}
+    fig = Figure(figsize=(10, 6.5))
+    fig.subplots_adjust(left=0.08, right=0.9, bottom=0.08, top=0.89, hspace=0.35)
+    model.eval()
+    for row, (title, trial) in enumerate(trials.items()):
+        with torch.no_grad():
+            sim = model.simulate(trial["cue_heading"], trial["cue_strength"], trial["velocity_input"], dt, noise=True,
+                                 generator=torch.Generator().manual_seed(row), record_rates=True)
+        # [n_exc, T], rolled by half a ring so that row 0 is the neuron preferring -180 deg (neuron i prefers 360 i / n)
+        rates = torch.roll(sim.rates_e[0].T, shifts=model.n_exc // 2, dims=0)
+        ax = fig.add_subplot(2, 1, row + 1)
+        duration = rates.shape[1] * dt
+        image = ax.imshow(rates, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0,
+                          extent=(0.0, duration, -180.0, 180.0))
+        heading = torch.remainder(trial["heading"][0] * DEGREES + 180.0, 360.0) - 180.0
+        time = torch.arange(1, len(heading) + 1) * dt
+        ax.scatter(time[::5], heading[::5], s=2, color="white")  # dots: no line across the wrap at +-180
+        ax.set_title(f"{title}; white dots: the true heading", fontsize=10)
+        ax.set_ylabel("preferred direction (deg)")
+        ax.set_yticks([-180, -90, 0, 90, 180])
+        fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="E rate")
+    ax.set_xlabel("time (s)")
+    fig.suptitle("excitatory activity of the trained ring", fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=90)
+    return path
+
+
 def train_run(out: Path, extra: list[str]) -> Path:
     result = train(compose(["experiment=ring_attractor", f"paths.root={out}", *extra]))
     return result.run_dir
@@ -163,6 +202,7 @@ def main() -> None:
         untrained, trained, config = networks_of_run(Path(run_dir))
         columns = {"untrained": measure_all(untrained, args.trials), "trained": measure_all(trained, args.trials)}
         print("trained ring parameters:", {k: round(v, 4) for k, v in trained.ring_parameters().items()})
+        print("activity figure:", draw_activity(trained, Path(run_dir) / "plots" / "bench_activity.png"))
     else:
         torch.manual_seed(0)
         untrained, config = RingAttractorNetwork(), None

@@ -106,9 +106,11 @@ def test_the_batched_simulation_equals_one_trial_at_a_time() -> None:
     trials = data.train_dataset.tensors
     args = (trials["cue_heading"], trials["cue_strength"], trials["velocity_input"])
     with torch.no_grad():
-        batched = net.simulate(*args, 0.002, noise=False).decoded_heading
+        sim = net.simulate(*args, 0.002, noise=False, record_rates=True)
         alone = torch.cat([net.simulate(*(a[i:i + 1] for a in args), 0.002, noise=False).decoded_heading for i in range(4)])
-    assert torch.allclose(batched, alone, atol=1e-5)
+    assert torch.allclose(sim.decoded_heading, alone, atol=1e-5)
+    assert sim.rates_e.shape == (4, 50, 64)  # the recorded E rates are what was decoded
+    assert torch.allclose(population_vector(sim.rates_e, net.preferred)[0], sim.decoded_heading)
 
 
 def test_evaluation_noise_is_the_same_every_time_and_training_noise_follows_the_global_seed() -> None:

@@ -109,6 +109,9 @@ class RingAttractorNetwork(nn.Module):
             raise ConfigError(f"model.sigma_ee={sigma_ee} is not an angular width: give radians in (0, pi), e.g. 0.3.")
         if tau_e <= 0 or tau_i <= 0:
             raise ConfigError(f"model.tau_e={tau_e}, model.tau_i={tau_i}: time constants are seconds > 0, e.g. 0.01.")
+        if noise_amplitude < 0 or cue_width <= 0:
+            raise ConfigError(f"model.noise_amplitude={noise_amplitude}, model.cue_width={cue_width}: the noise's event "
+                              "size must be >= 0 and the cue's width (radians) > 0, e.g. 0.003 and 0.3.")
         if w_ei_init < 0 or w_ie_init > 0:
             raise ConfigError(
                 f"model.w_ei_init={w_ei_init}, model.w_ie_init={w_ie_init} break Dale's law: E->I weights start >= 0 "
@@ -117,7 +120,7 @@ class RingAttractorNetwork(nn.Module):
         self.n_exc, self.n_inh, self.sigma_ee = n_exc, n_inh, sigma_ee
         self.tau_e, self.tau_i = tau_e, tau_i
         self.noise_amplitude, self.cue_width = noise_amplitude, cue_width
-        self.noise_in_eval = noise_in_eval  # a runtime knob: the bench turns noise off to measure drift
+        self.noise_in_eval = noise_in_eval  # whether evaluation (val/...) runs with the noise; a runtime knob
         self.g_ee, self.g_ei, self.g_ie = _scalar(g_ee), _scalar(g_ei), _scalar(g_ie)
         self.noise_rate_e, self.noise_rate_i = _scalar(noise_rate_e), _scalar(noise_rate_i)
         self.velocity_gain = _scalar(velocity_gain)  # in units of tau_e (1: the first-order estimate)
