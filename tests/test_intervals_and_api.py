@@ -42,6 +42,15 @@ def test_evaluation_checkpoint_and_plot_intervals_in_epochs(make_cfg, tmp_path: 
     assert (run_dir / "plots" / "loss.png").exists()
 
 
+def test_a_schedule_spans_max_epochs_when_they_end_the_run_before_max_steps(make_cfg, tmp_path: Path) -> None:
+    # 3 steps per epoch, 4 epochs: the cosine reaches min_lr at step 12 (the run's end), not at max_steps=1000.
+    cfg = make_cfg(tmp_path, "schedule=cosine_annealing", "schedule.min_lr=1e-5", "optim.lr=1e-3",
+                   "trainer.max_steps=1000", "trainer.max_epochs=4")
+    fit(cfg)
+    lr = {r["step"]: r["lr/main"] for r in read_metrics(tmp_path / "ck" / "test", "train")}
+    assert lr[6] == pytest.approx((1e-3 + 1e-5) / 2) and lr[12] == pytest.approx(1e-5)
+
+
 def test_a_typo_fails_in_compose_as_on_the_command_line() -> None:
     with pytest.raises(Exception, match="max_stepz"):
         compose(["trainer.max_stepz=3"])

@@ -196,12 +196,13 @@ class Trainer:
     def _build_optimization(self) -> None:
         self.optimizers: list[NamedOptimizer] = build_optimizers(self.model, self.cfg.optim)
         self.schedulers: dict[str, Any] = {}
+        horizon = self._schedule_horizon()
         for named in self.optimizers:
             schedule_cfg = named.schedule_cfg if named.schedule_cfg is not None else self.cfg.schedule
             if schedule_cfg is None:
                 continue
             factory = instantiate(schedule_cfg)
-            self.schedulers[named.name] = factory(named.optimizer, total_steps=self.tcfg.max_steps)
+            self.schedulers[named.name] = factory(named.optimizer, total_steps=horizon)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.grad_filter: GradFilter = instantiate(self.cfg.grad_filter) if self.cfg.grad_filter is not None else NoFilter()
         gm = self.tcfg.grad_monitor
@@ -218,6 +219,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.grad_clip = self.tcfg.grad_clip if self.tcfg.grad_clip is not None else math.inf
         self.max_loss, self.max_grad_norm = self.tcfg.divergence.max_loss, self.tcfg.divergence.max_grad_norm
+
+    def _schedule_horizon(self) -> int:
+        """The steps a schedule spans: the whole run, which trainer.max_epochs may end before trainer.max_steps
+        (a cosine then reaches its minimum at the last epoch). Counted with the first stage's batch size."""
+        steps = int(self.tcfg.max_steps)
+        if self.tcfg.max_epochs is not None:
+            steps = min(steps, int(self.tcfg.max_epochs) * len(self.train_loader))
+        return max(1, steps)
 
     def _build_callbacks(self) -> CallbackList:
         """The components that are Callbacks (model, loss, data, evaluators), then the `callbacks` group."""
