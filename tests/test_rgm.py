@@ -20,7 +20,9 @@ from losses.composite import CompositeLoss
 from losses.reconstruction import MSETerm
 from losses.rgm import ConsistencyTerm, PredictionErrorTerm, SparsityTerm
 from models.rgm.model import RGM
-from tests.cli_helpers import REPO_ROOT, run
+from tests.cli_helpers import REPO_ROOT
+from tests.conftest import _remove_launcher_log_handlers as remove_launcher_log_handlers
+from train import main as train_main
 from utils.config.errors import ConfigError
 from utils.config.training_json import expand_training_json
 from utils.training.api import compose
@@ -322,9 +324,15 @@ def test_a_bad_json_file_is_an_error_naming_it(tmp_path: Path) -> None:
         expand_training_json([f"training_json={write_json(tmp_path, [1, 2])}"])
 
 
-def test_train_py_reports_a_bad_json_key_in_one_line(tmp_path: Path) -> None:
+def test_train_py_reports_a_bad_json_key_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # train.main in this process: the error comes before any Hydra job or subprocess would start.
     path = write_json(tmp_path, {"training": {**SEED_TRAINING, "n_epoch": 5}})
-    result = run("train.py", "experiment=rgm_mnist", f"training_json={path}", f"paths.root={tmp_path}", timeout=120)
-    assert result.returncode == 2, result
-    assert "training.n_epoch: not a key this launcher knows (did you mean n_epochs?)" in result.output
-    assert "Traceback" not in result.output
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train_main(["experiment=rgm_mnist", f"training_json={path}", f"paths.root={tmp_path}"])
+    finally:
+        remove_launcher_log_handlers()  # the console handler train.main installs
+    assert stopped.value.code == 2
+    output = capsys.readouterr()
+    assert "training.n_epoch: not a key this launcher knows (did you mean n_epochs?)" in output.err + output.out
+    assert "Traceback" not in output.err + output.out

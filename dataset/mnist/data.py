@@ -59,11 +59,13 @@ class MNISTData:
 
     # ------------------------------------------------------------------ the DataModule contract
     def prepare_data(self, rebuild: bool = False, incremental: bool = True) -> None:
-        """Nothing to build: check that the source is there, so a missing file fails before training starts."""
+        """Nothing to build: check the source (every IDX file read and checked, well under a second for MNIST),
+        so that a missing or damaged file stops train.py before it starts the training process."""
         if self.root is None:
             embedded.check_available()
         else:
-            find_splits(self.root)
+            for pair in find_splits(self.root).values():
+                read_pair(pair)
 
     def setup(self) -> None:
         train_images, train_labels, val_images, val_labels = self._load_splits()

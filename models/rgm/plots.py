@@ -48,9 +48,7 @@ def tile(images: np.ndarray, per_row: int, gap: int = 1) -> np.ndarray:
 
 def _grey_ink() -> Any:
     """Pixels 0..1 as white paper and dark ink (MNIST is white on black), NaN gaps light grey."""
-    cmap = colormaps["gray_r"].copy()
-    cmap.set_bad("0.85")
-    return cmap
+    return colormaps["gray_r"].with_extremes(bad="0.85")
 
 
 def _image_rows(fig: Figure, rows: Sequence[tuple[str, np.ndarray]], captions: Sequence[Sequence[str]],
@@ -171,12 +169,13 @@ def draw_learning_rate(lr: tuple[np.ndarray, np.ndarray], val_loss: tuple[np.nda
 def draw_state_activations(states: Sequence[np.ndarray], labels: np.ndarray, title_suffix: str,
                            shown_images: int = 60) -> Figure:
     """Per level: the states of validation images (sorted by digit) as a heat map, and how often each unit is on."""
-    order = np.argsort(labels, kind="stable")[:shown_images]
-    order = order[np.argsort(labels[order], kind="stable")]
+    digits = np.unique(labels)
+    per_digit = max(1, shown_images // max(1, len(digits)))
+    order = np.concatenate([np.flatnonzero(labels == d)[:per_digit] for d in digits])  # the same few of each digit
     n = len(states)
     fig = Figure(figsize=(13, 3.2 * n))
     grid = fig.add_gridspec(n, 3, width_ratios=[3.2, 0.08, 1.3], left=0.07, right=0.98, top=0.9, bottom=0.06,
-                            wspace=0.25, hspace=0.55)
+                            wspace=0.45, hspace=0.55)
     for i, s in enumerate(states):
         level = i + 1
         ax = fig.add_subplot(grid[i, 0])
@@ -224,8 +223,7 @@ def draw_features(fields: Sequence[np.ndarray], units: Sequence[np.ndarray], tit
     fig = Figure(figsize=(per_row * 0.75 + 0.5, sum(heights) * 0.8 + 0.75 * len(fields) + 0.7))
     grid = fig.add_gridspec(len(fields), 1, height_ratios=heights, left=0.01, right=0.99,
                             top=1 - 0.75 / fig.get_figheight(), bottom=0.01, hspace=0.45)
-    cmap = colormaps["RdBu_r"].copy()
-    cmap.set_bad("0.85")
+    cmap = colormaps["RdBu_r"].with_extremes(bad="0.85")
     for i, (level_fields, level_units) in enumerate(zip(fields, units)):
         level = i + 1
         scale = np.abs(level_fields).reshape(len(level_fields), -1).max(axis=1)
@@ -275,7 +273,8 @@ def draw_error_distributions(errors: Sequence[np.ndarray], level_sizes: Sequence
         ax = fig.add_subplot(n_rows, n_cols, level + 1)
         flat = e.reshape(-1)
         bound = float(np.percentile(np.abs(flat), 99.9)) or 1e-6
-        ax.hist(np.clip(flat, -bound, bound), bins=80, range=(-bound, bound), color=f"C{level}", alpha=0.85)
+        beyond = float(np.mean(np.abs(flat) > bound))
+        ax.hist(flat, bins=80, range=(-bound, bound), color=f"C{level}", alpha=0.85)  # the rarest 0.1% left out
         ax.set_yscale("log")
         what = "pixels predicted by level 1" if level == 0 else f"level {level} predicted by level {level + 1}"
         ax.set_title(f"level {level}: {what}", fontsize=9)
@@ -283,7 +282,7 @@ def draw_error_distributions(errors: Sequence[np.ndarray], level_sizes: Sequence
         ax.set_ylabel("count (log)")
         ax.grid(True, alpha=0.3)
         ax.text(0.02, 0.97, f"MSE {np.mean(flat ** 2):.2e}\nmean {flat.mean():+.1e}\nstd {flat.std():.2e}\n"
-                f"{level_sizes[level]} units", transform=ax.transAxes, fontsize=7, va="top",
+                f"{level_sizes[level]} units\n{beyond:.2%} beyond ±{bound:.2g}", transform=ax.transAxes, fontsize=7, va="top",
                 bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"})
     fig.suptitle(f"Prediction error distributions per level (validation images){title_suffix}", fontsize=11)
     return fig
