@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 import shutil
 import sys
@@ -103,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="keep the run directory here (default: a temporary directory, removed)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
     args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_rgm_"))

@@ -53,7 +53,8 @@ def test_the_two_passes_have_the_shapes_of_the_levels() -> None:
     assert bool((out["reconstruction"] >= 0).all() and (out["reconstruction"] <= 1).all())  # sigmoid pixels
     assert bool((out["states"][1] >= 0).all()) and bool((out["states"][3] < 0).any())  # ReLU levels, linear top
     assert sorted(out["metrics"]) == ["active/level1", "active/level2", "pred_error/level0", "pred_error/level1",
-                                      "pred_error/level2"]
+                                      "pred_error/level2", "rel_pred_error/level0", "rel_pred_error/level1",
+                                      "rel_pred_error/level2"]
     # what level 2 generates alone, down to pixels: level 1, then the input
     assert [tuple(g.shape) for g in model.generate_from(2, out["states"][2])] == [(5, 784), (5, 256)]
 
@@ -71,6 +72,9 @@ def test_the_passes_compute_what_the_equations_say() -> None:
     torch.testing.assert_close(out["predictions"][1], s2 @ g2.weight.T + g2.bias)  # level 1 from level 2
     top_down_level1 = s2 @ g2.weight.T + g2.bias
     torch.testing.assert_close(out["reconstruction"], top_down_level1 @ g1.weight.T + g1.bias)
+    error1 = ((s1 - out["predictions"][1]) ** 2).mean()
+    torch.testing.assert_close(out["metrics"]["pred_error/level1"], error1)
+    torch.testing.assert_close(out["metrics"]["rel_pred_error/level1"], error1 / s1.var(dim=0).mean())
 
 
 def test_bad_model_settings_name_the_key() -> None:

@@ -59,10 +59,13 @@ class ImageRecorder:
 class PoisonLoss(Callback):
     """Makes the loss NaN (the sparsity term's weight) at the given steps, and leaves it as it was elsewhere."""
 
-    def __init__(self, steps: list[int], weight: float = 1.0e-4) -> None:
-        self.steps, self.weight = set(steps), weight
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+        self.weight: float | None = None
 
     def on_train_batch_start(self, trainer: Any, batch: Any) -> None:
+        if self.weight is None:
+            self.weight = trainer.loss_fn.weights["sparsity"]
         poisoned = trainer.state.step + 1 in self.steps
         trainer.loss_fn.set_weight("sparsity", math.nan if poisoned else self.weight)
 
@@ -83,7 +86,8 @@ def test_the_seven_figures_are_drawn_at_the_plot_interval_and_logged(make_cfg, t
     assert all(r["memory/peak_rss_mib"] > 0 for r in train if "train/loss" in r)
     val = read_metrics(result.run_dir, "val")[-1]
     for key in ("val/loss", "val/reconstruction", "val/prediction_error", "val/sparsity", "val/consistency",
-                "val/psnr_db", "val/pred_error/level0", "val/pred_error/level2", "val/active/level1"):
+                "val/psnr_db", "val/pred_error/level0", "val/pred_error/level2", "val/rel_pred_error/level2",
+                "val/active/level1"):
         assert math.isfinite(val[key]), key
 
 
@@ -134,8 +138,11 @@ def test_a_damaged_idx_file_stops_the_cli_with_one_message(tmp_path: Path) -> No
 def test_anomaly_detection_names_the_operation_that_made_the_nan(make_cfg, tmp_path: Path) -> None:
     cfg = rgm_cfg(make_cfg, tmp_path, NO_FIGURES, "debug=anomaly", "trainer.max_epochs=1",
                   "+callbacks.poison={_target_:tests.test_rgm_training.PoisonLoss,steps:[2]}")
-    with pytest.raises(RuntimeError, match=r"Function 'MulBackward0' returned nan values"):
+    with pytest.warns(UserWarning) as warned, pytest.raises(RuntimeError, match=r"Function 'MulBackward0' returned nan values"):
         fit(cfg)
+    # torch's anomaly mode also shows where the forward pass made it: the weighted sum of the loss terms
+    forward = [str(w.message) for w in warned if "Traceback of forward call" in str(w.message)]
+    assert forward and "losses/composite.py" in forward[0] and "term.weight * values[name]" in forward[0]
 
 
 def test_a_nan_loss_is_skipped_and_a_streak_stops_naming_the_last_good_checkpoint(make_cfg, tmp_path: Path) -> None:

@@ -94,8 +94,13 @@ class RGM(nn.Module):
         predictions = [self.predict_below(level, states[level]) for level in range(1, self.num_levels + 1)]
         generated = self.generate_from(self.num_levels, states[-1])
         with torch.no_grad():  # logged as train/... and val/... (per level; the loss terms average them)
-            metrics = {f"pred_error/level{level}": torch.mean((states[level] - predictions[level]) ** 2)
-                       for level in range(self.num_levels)}
+            metrics = {}
+            for level in range(self.num_levels):
+                error = torch.mean((states[level] - predictions[level]) ** 2)
+                metrics[f"pred_error/level{level}"] = error
+                # over the variance of the level's state across the batch (1 - R^2): states that grow or
+                # shrink during training leave it comparable from start to end
+                metrics[f"rel_pred_error/level{level}"] = error / states[level].var(dim=0).mean().clamp_min(1e-12)
             metrics.update({f"active/level{level}": (states[level] > 0).float().mean()  # fraction of units firing
                             for level in range(1, self.num_levels + 1)
                             if isinstance(self._activation_of(level), nn.ReLU)})

@@ -100,7 +100,7 @@ def draw_loss_components(train: dict[str, tuple[np.ndarray, np.ndarray]], val: d
     """One panel per term (unweighted values) and the total: training (smoothed) and validation, per epoch;
     a last panel with the validation prediction error of each level."""
     terms = [t for t in LOSS_TERMS if t in train or t in val]
-    levels = sorted(k for k in val if k.startswith("pred_error/level"))
+    levels = sorted(k for k in val if k.startswith("rel_pred_error/level"))
     n_cols = 3
     n_rows = max(1, math.ceil((len(terms) + bool(levels)) / n_cols))
     fig = Figure(figsize=(13, 3.6 * n_rows))
@@ -126,11 +126,12 @@ def draw_loss_components(train: dict[str, tuple[np.ndarray, np.ndarray]], val: d
     if levels:
         ax = fig.add_subplot(n_rows, n_cols, len(terms) + 1)
         for i, key in enumerate(levels):
-            ax.plot(*val[key], color=f"C{i}", marker="o", markersize=4, label=f"level {key.removeprefix('pred_error/level')}")
+            ax.plot(*val[key], color=f"C{i}", marker="o", markersize=4,
+                    label=f"level {key.removeprefix('rel_pred_error/level')}")
         ax.set_yscale("log")
-        ax.set_title("prediction error per level (validation)", fontsize=10)
+        ax.set_title("relative prediction error per level (validation)", fontsize=10)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("MSE")
+        ax.set_ylabel("MSE / variance of the state")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Loss components (unweighted; the total is their weighted sum){title_suffix}", fontsize=12)
