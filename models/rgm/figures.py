@@ -28,6 +28,7 @@ import torch
 
 from models.rgm import plots
 from models.rgm.model import RGM
+from utils.config.errors import ConfigError
 from utils.monitoring.plots import PLOTS_DIR, read_records
 from utils.training.callbacks import Callback
 
@@ -47,7 +48,8 @@ class RGMFigures(Callback):
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: "Trainer") -> None:
         if not isinstance(trainer.model, RGM):
-            raise TypeError(f"RGMFigures draws an RGM (models.rgm.model.RGM), not a {type(trainer.model).__name__}")
+            raise ConfigError(f"callbacks.rgm_figures draws the figures of an RGM (models.rgm.model.RGM), and this run "
+                              f"trains a {type(trainer.model).__name__}; leave it out with callbacks=none.")
         self.trainer = trainer
         val = trainer.data.val_dataset
         batch = trainer.data.collate_fn([val[i] for i in range(min(self.max_images, len(val)))])

@@ -6,8 +6,9 @@ Between level l-1 and level l there are two maps, each a linear layer and a non-
     recognition  s_l     = f(R_l s_{l-1} + a_l)       bottom-up: input -> states, level by level
     generation   p_{l-1} = g_{l-1}(G_l s_l + b_l)     top-down: a state predicts the level below it
 
-where f is `state_activation` and g_{l-1} is f for a state level and `input_activation` (sigmoid: pixels
-lie in [0, 1]) for the input. One forward pass gives what the four loss terms (losses/rgm.py) read:
+where f is `state_activation` (`top_activation` at the top level; conf/model/rgm/hierarchy.yaml makes the
+top linear) and g_{l-1} is the activation of level l-1: f for a state level, `input_activation`
+(sigmoid: pixels lie in [0, 1]) for the input. One forward pass gives what the four loss terms (losses/rgm.py) read:
 
     states        [x, s_1, ..., s_L]          the bottom-up pass (index = level)
     predictions   [p_0, ..., p_{L-1}]         p_l = what level l+1's state predicts for level l

@@ -205,7 +205,7 @@ def draw_state_activations(states: Sequence[np.ndarray], labels: np.ndarray, tit
             hist.hist(on_fraction, bins=np.linspace(0, 1, 21), color="C2", edgecolor="white")
             hist.set_xlabel("fraction of images where the unit is > 0")
             hist.set_ylabel("units")
-            hist.set_title(f"level {level}: {on_fraction.mean():.0%} of states > 0, "
+            hist.set_title(f"level {level}: {on_fraction.mean():.0%} of states > 0\n"
                            f"{(on_fraction == 0).mean():.0%} of units never on", fontsize=9)
         hist.grid(True, alpha=0.3)
     fig.suptitle(f"State activation patterns per level{title_suffix}", fontsize=12)
