@@ -158,8 +158,8 @@ def test_a_nan_loss_is_skipped_and_a_streak_stops_naming_the_last_good_checkpoin
 
 @pytest.mark.slow
 def test_two_processes_keep_their_weights_in_step(tmp_path: Path) -> None:
-    """Device synchronisation: under torchrun (gloo) DDP averages the gradients, so both ranks hold the same
-    weights, and they follow one process with the same global batch."""
+    """Device synchronisation: under torchrun (gloo) DDP averages the two processes' gradients every step, so
+    the two-process run follows the one-process run with the same global batch (up to summation order)."""
     args = [*TINY, NO_FIGURES, CPU, "trainer.max_epochs=2"]
     one = run("train.py", *args, *paths(tmp_path / "one"))
     two = run("train.py", *args, "trainer.nproc_per_node=2", *paths(tmp_path / "two"))
