@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: train test test-all bench-overhead bench-grokfast bench-trm-sudoku clean-venv
+.PHONY: train test test-all bench-overhead bench-grokfast bench-trm-sudoku bench-rgm clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-grokfast: $(VENV)/.installed
 
 bench-trm-sudoku: $(VENV)/.installed
 	$(BIN)/python -m bench.trm_sudoku $(ARGS)
+
+bench-rgm: $(VENV)/.installed
+	$(BIN)/python -m bench.rgm $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
