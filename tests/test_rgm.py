@@ -21,7 +21,7 @@ from losses.reconstruction import MSETerm
 from losses.rgm import ConsistencyTerm, PredictionErrorTerm, SparsityTerm
 from models.rgm.model import RGM
 from tests.cli_helpers import REPO_ROOT
-from tests.conftest import _remove_launcher_log_handlers as remove_launcher_log_handlers
+from tests.conftest import remove_launcher_log_handlers as remove_launcher_log_handlers
 from train import main as train_main
 from utils.config.errors import ConfigError
 from utils.config.training_json import expand_training_json
