@@ -4,7 +4,8 @@
     python -m bench.grokfast --variants baseline --seeds 1 --max-steps 60000   # the long baseline run
     python -m bench.grokfast --variants ema --seeds 3 --parallel 2
 
-Each run is a real `python pretrain.py experiment=grokking ...` (modular division, p=97, 50% split,
+Each run is a real `python pretrain.py experiment=grokking ...` (modular division, p=97, a 50% split drawn
+from the seed as the reference script draws it,
 2-layer width-128 transformer with the reference implementation's block, initialisation and batching,
 batch 512, Adam lr 1e-3 betas (0.9, 0.98)), evaluated every --eval-interval steps and stopped at the first
 evaluation with val/acc >= target. Per variant, as in the paper (Lee et al. 2024): baseline weight decay 0;
@@ -54,6 +55,8 @@ def command(name: str, seed: int, args: argparse.Namespace, root: Path) -> list[
         sys.executable, str(ROOT / "pretrain.py"),
         "experiment=grokking", f"run_name=bench_{name}_seed{seed}", f"paths.root={root}",
         f"paths.data_root={args.data_root}", f"seed={seed}", f"trainer.max_steps={args.max_steps}",
+        # As the reference script: a seed draws its own train/validation split too (unless --fixed-split).
+        f"data.split_seed={0 if args.fixed_split else seed}",
         f"trainer.eval_interval={args.eval_interval}", f"trainer.log_interval={max(args.eval_interval, 100)}",
         f"trainer.early_stopping.stop_at={args.target}", "trainer.checkpoint.interval=5000", "trainer.device=cpu",
         *VARIANTS[name],
@@ -94,6 +97,7 @@ def main() -> None:
     parser.add_argument("--eval-interval", type=int, default=10)
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one torch thread each)")
+    parser.add_argument("--fixed-split", action="store_true", help="every seed on the split of data.split_seed=0")
     parser.add_argument("--data-root", default=str(ROOT / "datasets"))
     parser.add_argument("--out", default=None, help="keep run directories here (default: a temp dir)")
     args = parser.parse_args()
@@ -101,7 +105,8 @@ def main() -> None:
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_grokfast_"))
     root.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    print(f"modular division p=97, eval every {args.eval_interval} steps, seeds {seeds}, runs in {root}", flush=True)
+    split = "one split (data.split_seed=0)" if args.fixed_split else "a split per seed"
+    print(f"modular division p=97, eval every {args.eval_interval} steps, seeds {seeds}, {split}, runs in {root}", flush=True)
     results = run_all([(v, s) for v in args.variants for s in seeds], args, root)
 
     print(f"\niterations to {args.target:.0%} validation accuracy (first evaluation at or above it)")
