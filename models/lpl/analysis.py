@@ -9,8 +9,8 @@ For every representation in a file (`activations`, `layer1_activations`, `layer2
 * linear-probe accuracy: a multinomial logistic regression (scikit-learn) on standardised features,
   fitted on the first 75% of the rows and scored on the rest (the exports are in a fixed shuffle);
 * per-unit activation std: the mean and the fraction of units below 0.1 (collapsed units);
-* the invariance score, when the file holds the second frame of each pair (`*_pair` keys, written by
-  the export callback): the mean cosine similarity of the two frames' representations minus that of
+* the invariance score, when the second frames' file is next to it (`<name>_second_frame.pt`, written
+  by the export callback): the mean cosine similarity of the two frames' representations minus that of
   random pairs of different rows, so 0 means "no more alike than strangers" and 1 means invariant.
 """
 
@@ -30,6 +30,7 @@ from utils.config.errors import ConfigError
 
 REPRESENTATION_KEYS = ("activations", "layer1_activations", "layer2_activations", "embeddings")
 COLLAPSE_STD = 0.1
+SECOND_FRAME_SUFFIX = "_second_frame"
 
 
 def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -96,7 +97,9 @@ def analyze_file(path: Path) -> dict[str, dict[str, float]]:
     keys = [k for k in REPRESENTATION_KEYS if k in data]
     if not keys:
         raise ConfigError(f"{path}: holds none of {', '.join(REPRESENTATION_KEYS)}; keys are {sorted(data)}.")
-    return {key: summarize(data[key], data["labels"], data.get(f"{key}_pair")) for key in keys}
+    pair_path = path.with_name(f"{path.stem}{SECOND_FRAME_SUFFIX}.pt")
+    pairs = load_tensor_file(pair_path, error=ConfigError, hint="re-export it") if pair_path.exists() else {}
+    return {key: summarize(data[key], data["labels"], pairs.get(key)) for key in keys}
 
 
 def exported_files(target: Path) -> list[Path]:
@@ -104,6 +107,7 @@ def exported_files(target: Path) -> list[Path]:
     if target.is_file():
         return [target]
     files = sorted(target.glob("**/outputs/activations/*.pt")) or sorted(target.glob("*.pt"))
+    files = [f for f in files if not f.stem.endswith(SECOND_FRAME_SUFFIX)]
     if not files:
         raise ConfigError(f"{target}: no exported .pt files found (looked in {target}/outputs/activations/).")
     return files
