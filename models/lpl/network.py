@@ -88,10 +88,9 @@ class LPLNetwork(nn.Module):
             losses = lpl_losses(out, prev_out, self.epsilon)
             for name, value in losses.items():
                 terms[name].append(value)
-                metrics[f"layer{index}/{name}"] = value.detach()
-            std = LayerStatistics.of(out).variance.sqrt()
-            metrics[f"layer{index}/activity_std"] = std.mean()
-            metrics[f"layer{index}/collapsed_units"] = (std < 0.1).float().mean()
+                if len(self.layers) > 1:  # one layer: the loss terms are already these
+                    metrics[f"layer{index}/{name}"] = value.detach()
+            metrics[f"layer{index}/activity_std"] = LayerStatistics.of(out).variance.sqrt().mean()
         return {
             "layer_inputs": inputs,
             "pre_activations": pres,

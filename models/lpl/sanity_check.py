@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     model = LPLNetwork(args.input_dim, [args.output_dim], lr_pred=args.lr_pred, lr_hebb=args.lr_hebb,
                        lr_stab=args.lr_stab, epsilon=args.epsilon, init_std=args.init_std)
-    weight = model.layers[0].weight.detach()  # updated in place, as the optimizer would
+    parameter = model.layers[0].weight
+    weight = parameter.detach()  # the same storage, updated in place as an optimizer would
     print(f"LPL sanity check: {args.input_dim} -> {args.output_dim}, lr_pred={args.lr_pred} lr_hebb={args.lr_hebb} "
           f"lr_stab={args.lr_stab}, batch {args.batch_size}, {args.steps} steps")
     for step in range(1, args.steps + 1):
@@ -43,14 +44,14 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad():
             outputs = model(batch)
             model.local_update(batch, outputs)
-            update = -weight.grad
+            update = -parameter.grad
             update_norm = float(update.norm())
             finite = math.isfinite(update_norm) and bool(torch.isfinite(outputs["layer_outputs"][0]).all())
             if finite:
                 update *= min(1.0, args.max_update_norm / (update_norm + 1e-6))  # update-norm clipping
                 weight += update
                 weight.clamp_(-args.weight_clip, args.weight_clip)  # weight clipping
-            weight.grad = None
+            parameter.grad = None
         if not finite or not bool(torch.isfinite(weight).all()):
             print(f"WARNING: NaN or inf at step {step} (update norm {update_norm}); stopping. Lower the learning "
                   "rates or raise --epsilon.", file=sys.stderr)
