@@ -46,7 +46,7 @@ def read_idx(path: Path, expected_dims: int) -> np.ndarray:
     body = np.frombuffer(raw, dtype=np.uint8, offset=header_end)
     if body.size != int(np.prod(dims)):
         raise MNISTFileError(f"{path}: the header says {dims} but the file holds {body.size} values (truncated?).")
-    return body.reshape(dims)
+    return body.reshape(dims).copy()  # frombuffer is read-only
 
 
 def find_idx_files(root: Path) -> tuple[Path, Path]:
