@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.lpl import sanity_check
 from models.lpl.callbacks import Diagnostics
 from models.lpl.network import LPLNetwork
 from models.lpl.rule import lpl_error_signals, lpl_losses, lpl_weight_updates, squash, squash_slope
-from tests.cli_helpers import CPU, paths, read_metrics, run
+from tests.cli_helpers import read_metrics
 from tests.conftest import trainer_stand_in
 from utils.config.errors import ConfigError
 from utils.training.callbacks import Callback
@@ -198,12 +199,12 @@ def test_updates_are_clipped_to_norm_one(make_cfg, tmp_path: Path) -> None:
     assert len(logged) == 6 and min(logged) > 1.0  # the rule asked for more than the clip allowed
 
 
-def test_the_first_nonfinite_update_warns_and_stops_the_run(tmp_path: Path) -> None:
+def test_the_first_nonfinite_update_warns_and_stops_the_run(make_cfg, tmp_path: Path, caplog) -> None:
     # All-zero weights give every unit zero variance; with epsilon 0 the Hebbian term is 0/0.
-    result = run("pretrain.py", *HIERARCHICAL, CPU, "model.init_std=0", "model.epsilon=0", *paths(tmp_path))
-    assert result.returncode == 3, result  # NonFiniteError's exit code
-    assert "Step 1: non-finite" in result.output and "step skipped" in result.output
-    assert "1 consecutive non-finite" in result.output
+    cfg = hierarchical_cfg(make_cfg, tmp_path, "model.init_std=0", "model.epsilon=0")
+    with caplog.at_level(logging.WARNING), pytest.raises(NonFiniteError, match="1 consecutive non-finite"):
+        fit(cfg)  # the presets stop at the first one (trainer.max_consecutive_nonfinite=1); exit code 3
+    assert "Step 1: non-finite" in caplog.text and "step skipped" in caplog.text
 
 
 def test_diagnostics_log_weight_norms_and_variances_and_stop_on_nan(tmp_path: Path, caplog) -> None:
@@ -233,12 +234,10 @@ def test_diagnostics_log_weight_norms_and_variances_and_stop_on_nan(tmp_path: Pa
     assert "NaN or inf in" in caplog.text
 
 
-def test_sanity_check_prints_diagnostics_every_500_steps_and_flags_nan() -> None:
-    ok = run("-m", "models.lpl.sanity_check", "--steps", "1000", "--input-dim", "64", "--output-dim", "16")
-    assert ok.returncode == 0, ok
-    lines = [line for line in ok.output.splitlines() if line.startswith("step")]
+def test_sanity_check_prints_diagnostics_every_500_steps_and_flags_nan(capsys) -> None:
+    assert sanity_check.main(["--steps", "1000", "--input-dim", "16", "--output-dim", "4", "--batch-size", "8"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     assert [line.split()[1] for line in lines] == ["500", "1000"]
     assert all("weight norm" in line and "activation variance" in line and "NaN: no" in line for line in lines)
-    bad = run("-m", "models.lpl.sanity_check", "--steps", "10", "--init-std", "0", "--epsilon", "0")
-    assert bad.returncode == 1, bad
-    assert "WARNING: NaN or inf at step 1" in bad.output
+    assert sanity_check.main(["--steps", "10", "--input-dim", "16", "--init-std", "0", "--epsilon", "0"]) == 1  # exit code 1
+    assert "WARNING: NaN or inf at step 1" in capsys.readouterr().err
