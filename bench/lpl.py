@@ -133,6 +133,7 @@ def launch(name: str, overrides: list[str], root: Path, data_root: Path, log_pat
 
 def run_all(jobs: dict[str, list[str]], root: Path, data_root: Path, parallel: int) -> dict[str, float]:
     """Run every job (run_name: overrides), `parallel` at a time; wall seconds per job."""
+    root.mkdir(parents=True, exist_ok=True)
     pending, running, walls = list(jobs.items()), {}, {}
     while pending or running:
         while pending and len(running) < parallel:
