@@ -125,7 +125,7 @@ class CIFAR10Data(PairData):
     def directory(self) -> Path:
         if self.root is None or str(self.root).strip() == "":
             raise ConfigError(
-                "data.root is not set: CIFAR-10 cannot be downloaded here; set data.root=/path/to/cifar-10-batches-py "
+                "data.root is not set: CIFAR-10 is not downloaded by the launcher; set data.root=/path/to/cifar-10-batches-py "
                 "(the unpacked python version: data_batch_1..5, test_batch), or data.root=sample for a small "
                 "generated stand-in."
             )

@@ -93,10 +93,17 @@ def render(kind: torch.Tensor, pose: torch.Tensor, strokes: torch.Tensor, noise:
     return (image + noise).clamp(0, 1).reshape(-1, 1, size, size)
 
 
+def _to_float_pairs(batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """uint8 frames -> float32 in [0, 1] under the names the models read."""
+    batch = collate_tensor_dicts(batch)
+    return {"x1": batch["x1_u8"].float() / 255.0, "x2": batch["x2_u8"].float() / 255.0, "label": batch["label"]}
+
+
 class ShapesData(PairData):
     """Pairs of frames of shapes in clutter; `num_train` / `num_val` pairs, labels are the class index."""
 
     name = "shapes"
+    collate_fn = staticmethod(_to_float_pairs)
 
     def __init__(self, num_train: int = 20000, num_val: int = 2000, image_size: int = 32, num_strokes: int = 3,
                  noise_std: float = 0.05, max_move: float = 0.15, max_turn: float = 0.5, seed: int = 0) -> None:
@@ -118,7 +125,6 @@ class ShapesData(PairData):
                                                 "label": labels[:split]})
         self.val_dataset = TensorDictDataset({"x1_u8": frames[split:, 0], "x2_u8": frames[split:, 1],
                                               "label": labels[split:]})
-        self.collate_fn = _to_float_pairs
 
     def generate(self, count: int, generator: torch.Generator, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
         """(count, 2, 1, S, S) uint8 frames and (count,) labels, drawn from `generator`."""
@@ -162,9 +168,3 @@ class ShapesData(PairData):
         end = start + length * torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
         brightness = 0.3 + 0.5 * torch.rand(n, k, 1, generator=generator)
         return torch.cat([start, end, brightness], dim=-1)
-
-
-def _to_float_pairs(batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """uint8 frames -> float32 in [0, 1] under the names the models read."""
-    batch = collate_tensor_dicts(batch)
-    return {"x1": batch["x1_u8"].float() / 255.0, "x2": batch["x2_u8"].float() / 255.0, "label": batch["label"]}

@@ -18,7 +18,6 @@ writes `byol_shapes_embeddings_*.pt` as the seed names them.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from utils.rng import capture_rng_state, restore_rng_state
-from utils.storage.atomic import atomic_write_bytes, atomic_write_text
+from utils.storage.atomic import atomic_torch_save, atomic_write_text
 from utils.training.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -114,12 +113,6 @@ class Diagnostics(Callback):
             log.info("step %d diagnostics: %s  (no NaN)", step, text)
 
 
-def _save_atomically(obj: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 class ExportRepresentations(Callback):
     """Representations of the first `num_samples` validation pairs before and after training."""
 
@@ -148,8 +141,8 @@ class ExportRepresentations(Callback):
             return
         first, second = self.representations(trainer)
         main_path, pair_path = self.paths(trainer, when)
-        _save_atomically(first, main_path)
-        _save_atomically({k: v for k, v in second.items()}, pair_path)
+        atomic_torch_save(first, main_path)
+        atomic_torch_save(second, pair_path)
         shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in first.items())
         log.info("Exported %s (%s)", main_path, shapes)
 
