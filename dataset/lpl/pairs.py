@@ -45,13 +45,11 @@ class WeakAugmentation:
         pad = self.max_shift
         out = images
         if pad > 0:
+            batch, _, height, width = images.shape
             padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-            height, width = images.shape[-2:]
+            windows = padded.unfold(2, height, 1).unfold(3, width, 1)  # (B, C, 2p+1, 2p+1, H, W), a view
             shifts = params[:, :2].long()
-            out = torch.stack([
-                padded[b, :, pad - dy: pad - dy + height, pad - dx: pad - dx + width]
-                for b, (dy, dx) in enumerate(shifts.tolist())
-            ])
+            out = windows[torch.arange(batch), :, pad - shifts[:, 0], pad - shifts[:, 1]]  # each sample's window
         flip = params[:, 2].bool()
         if bool(flip.any()):
             out = torch.where(flip[:, None, None, None], out.flip(-1), out)
