@@ -9,8 +9,8 @@ the rule as it is (the learning rates live in the rule: lr_pred, lr_hebb, lr_sta
 
 Stability, as the seed asks: the activation is squashed, f(a) = 5 tanh(a / 5) (`squash_scale`);
 inputs must be float32 in [0, 1] (a ConfigError otherwise); the update norm is clipped by
-`trainer.grad_clip`, weights by the `lpl/weight_clip` callback, and a non-finite update stops the run
-through the launcher's non-finite guard.
+`trainer.grad_clip`, weights by the weight_clip callback (conf/callbacks/lpl/stability.yaml), and a
+non-finite update stops the run through the launcher's non-finite guard.
 """
 
 from __future__ import annotations
