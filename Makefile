@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: train test test-all bench-overhead bench-grokfast bench-trm-sudoku bench-rgm clean-venv
+.PHONY: train test test-all bench-overhead bench-grokfast bench-trm-sudoku bench-rgm bench-lpl clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench-trm-sudoku: $(VENV)/.installed
 
 bench-rgm: $(VENV)/.installed
 	$(BIN)/python -m bench.rgm $(ARGS)
+
+bench-lpl: $(VENV)/.installed
+	$(BIN)/python -m bench.lpl $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

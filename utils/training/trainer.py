@@ -606,7 +606,9 @@ class Trainer:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= self.dist.world_size
-        torch._foreach_copy_(grads, list(torch.split(flat, [g.numel() for g in grads])))  # type: ignore[arg-type]
+        chunks = torch.split(flat, [g.numel() for g in grads])
+        # view_as: a flat chunk only broadcasts onto a gradient with one non-trivial dimension (Oja's (1, D))
+        torch._foreach_copy_(grads, [chunk.view_as(g) for chunk, g in zip(chunks, grads)])
 
     def _skip_nonfinite_step(self, total: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self._zero_grad()
