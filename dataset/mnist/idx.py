@@ -136,3 +136,10 @@ def read_pair(pair: IdxPair) -> tuple[torch.Tensor, torch.Tensor]:
         images = read_image_file(str(images_file))
         labels = read_label_file(str(labels_file))
     return images, labels
+
+
+def read_all(root: Path | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image and label under `root`, the splits concatenated (training set first): a pool to split."""
+    pairs = find_splits(root)
+    parts = [read_pair(pairs[split]) for split in SPLITS if split in pairs]
+    return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
