@@ -184,7 +184,8 @@ def test_multirun_gives_each_job_its_own_deterministic_dir(tmp_path):
     assert result.returncode == 0, result
     sweep = root / "default_multirun"
     expected = {
-        f"data.p=23,model.num_layers=1,model.width=32,optim.lr={lr},trainer.device=cpu,trainer.global_batch_size=64":
+        f"data.p=23,model.num_layers=1,model.width=32,optim.lr={lr},trainer.device=cpu,"
+        "trainer.drop_last=True,trainer.global_batch_size=64":
         float(lr)
         for lr in ("0.001", "0.0003")
     }
@@ -207,7 +208,7 @@ def test_every_optimizer_listed_by_help_trains(tmp_path):
     for name in optims:
         run_dir = root / "default_multirun" / (
             f"data.p=23,model.num_layers=1,model.width=32,optim={name},"
-            "trainer.device=cpu,trainer.global_batch_size=64,trainer.max_steps=1"
+            "trainer.device=cpu,trainer.drop_last=True,trainer.global_batch_size=64,trainer.max_steps=1"
         )
         assert load(run_dir / "latest.pt")["train_state"]["step"] == 1, name
 

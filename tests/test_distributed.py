@@ -40,8 +40,10 @@ from tests.cli_helpers import (
 )
 from utils.training.data_loading import ResumableDistributedSampler
 
+# drop_last: whole global batches only. With drop_last=false torch pads the shorter shard of the last batch
+# by repeating indices, so that batch is not the one a single process draws.
 TINY = ["model.width=32", "model.num_layers=1", "data.p=23", "trainer.device=cpu", "trainer.log_interval=1",
-        "trainer.early_stopping.enabled=false"]
+        "trainer.early_stopping.enabled=false", "trainer.drop_last=true"]
 
 # 1 vs 2 processes: no dropout (each rank draws its own masks), batch 64 = 2 x 32, 253 training equations:
 # 3 steps per epoch, 40 steps = 13 epochs and a bit, evaluated every 10 steps.
@@ -230,7 +232,7 @@ def test_two_processes_reproduce_one_process_with_the_same_global_batch(runs):
         report.append(f"{key}: max |1 proc - 2 procs| = {worst:.2e}")
         bad = [s for s in a if not math.isclose(a[s], b[s], rel_tol=RTOL, abs_tol=ATOL)]
         assert not bad, f"{key} differs at steps {bad[:5]}: {[(a[s], b[s]) for s in bad[:5]]}"
-    print("\n".join(report))  # shown with -s; the README quotes these numbers
+    print("\n".join(report))  # shown with `-n0 -s`; the README quotes these numbers
     assert read_metrics(runs["one"].run_dir, "val")[-1]["val/acc"] == read_metrics(runs["two"].run_dir, "val")[-1]["val/acc"]
     w1, w2 = load(runs["one"].run_dir / "latest.pt")["model"], load(runs["two"].run_dir / "latest.pt")["model"]
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-3
