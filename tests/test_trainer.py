@@ -125,6 +125,14 @@ def test_run_returns_the_best_monitored_value(tmp_path: Path, make_cfg) -> None:
     assert best == min(r["val/loss"] for r in val)
 
 
+def test_cpu_threads_sets_torchs_intra_op_threads_and_zero_is_refused(tmp_path: Path, make_cfg) -> None:
+    assert torch.get_num_threads() == 1  # make_cfg's setting, restored after the test
+    pretrain.fit(make_cfg(tmp_path, "trainer.cpu_threads=2", "trainer.max_steps=2"))
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ConfigError, match=r"trainer.cpu_threads must be positive \(or null\), got 0"):
+        validate_config(make_cfg(tmp_path, "trainer.cpu_threads=0"))
+
+
 def test_fitting_a_finished_run_again_does_not_train(tmp_path: Path, make_cfg) -> None:
     pretrain.fit(make_cfg(tmp_path, "trainer.max_steps=6", "trainer.eval_interval=3"))
     rd = run_dir(tmp_path)

@@ -90,6 +90,9 @@ class TrainerConf:
     divergence: DivergenceConf = field(default_factory=DivergenceConf)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     num_workers: int = 0
+    # torch's intra-op threads per process; null: torch's default (one per core). On CPU cores that other
+    # jobs share, OpenMP threads that wait for each other make small models many times slower.
+    cpu_threads: Optional[int] = None
     nproc_per_node: int = 1  # >1: train.py starts torchrun itself
     dist_backend: Optional[str] = None  # default: nccl on GPU, gloo on CPU
     deterministic: bool = False  # torch.use_deterministic_algorithms

@@ -98,6 +98,8 @@ def fit(cfg: DictConfig, model: torch.nn.Module | None = None) -> FitResult:
         setup_logging(run_dir, dist_info.rank)
         if cfg.trainer.deterministic:
             torch.use_deterministic_algorithms(True)
+        if cfg.trainer.cpu_threads is not None:
+            torch.set_num_threads(cfg.trainer.cpu_threads)
         return Trainer(cfg, dist_info, run_dir, model=model).fit()
     finally:
         if lock is not None:
