@@ -752,15 +752,16 @@ class Trainer:
                                    log_images=self.writer.log_images)
         t, s = self.tcfg, self.state
         last_metrics: dict[str, float] = {}
-        log.info(
-            "Training %s on %s x%d: steps %d -> %d, batch %d per rank%s",
-            self.cfg.run_name, self.device, self.dist.world_size, s.step, t.max_steps, self.batch_size,
-            "" if self.curriculum.single else f", {self.stage.label} of {len(self.curriculum)}",
-        )
+        s.stop_reason = self._already_finished()  # a finished job run again (a SLURM requeue) only reports
+        if s.stop_reason is None:
+            log.info(
+                "Training %s on %s x%d: steps %d -> %d, batch %d per rank%s",
+                self.cfg.run_name, self.device, self.dist.world_size, s.step, t.max_steps, self.batch_size,
+                "" if self.curriculum.single else f", {self.stage.label} of {len(self.curriculum)}",
+            )
         self.writer.log({"event": "start", "resumed_from_step": s.step, "time": time.time()}, s.step, kind="event")
         if s.step == 0 and not self.curriculum.single:
             self.writer.log({"event": "stage", "stage": 0, "name": self.stage.name}, 0, kind="event")
-        s.stop_reason = self._already_finished()  # a finished job run again (a SLURM requeue) only reports
         self.model.train()
         self.callbacks.call("on_fit_start", self)
         window_start, window_steps = time.perf_counter(), 0
