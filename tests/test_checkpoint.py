@@ -188,6 +188,23 @@ def test_prune_never_deletes_what_latest_points_to(tmp_path: Path) -> None:
     assert (tmp_path / "step_00000007.pt").exists()
 
 
+def test_a_step_file_written_after_latest_was_last_pointed_is_loaded_first(tmp_path: Path) -> None:
+    # Killed after step 15's file was complete but before latest.pt was pointed at it: resume from 15, not 10.
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager.save(small_state(10), 10)
+    latest_at_10 = (tmp_path / "latest.pt").read_bytes(), (tmp_path / "latest.pt.sha256").read_bytes()
+    os.link(tmp_path / "latest.pt", tmp_path / "kept")  # latest.pt as it was: a hard link to step 10
+    manager.save(small_state(15), 15)
+    os.replace(tmp_path / "kept", tmp_path / "latest.pt")
+    (tmp_path / "latest.pt.sha256").write_bytes(latest_at_10[1])
+    assert (tmp_path / "latest.pt").read_bytes() == latest_at_10[0]
+    state, path = manager.load_latest()
+    assert (state["step"], path.name) == (15, "step_00000015.pt")
+    manager.save(small_state(16), 16)  # and once latest.pt is current again, it is what loads
+    state, path = manager.load_latest()
+    assert (state["step"], path.name) == (16, "latest.pt")
+
+
 # ------------------------------------------------------------------------------------------------ corruption
 def test_truncated_latest_falls_back_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     manager = CheckpointManager(tmp_path)

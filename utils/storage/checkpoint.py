@@ -387,12 +387,23 @@ class CheckpointManager:
         return [p for _, p in sorted(found)]
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
-        """Load the newest readable checkpoint: latest.pt, then step files newest first.
+        """Load the newest readable checkpoint: latest.pt (or a newer step file), then step files newest first.
 
         Returns (state, path loaded) or None if the directory holds no checkpoint. Raises CheckpointError if
         checkpoints exist but none can be loaded.
         """
-        candidates = ([self.latest_path] if self.latest_path.exists() else []) + self.checkpoints()[::-1]
+        steps = self.checkpoints()[::-1]
+        candidates = steps
+        if self.latest_path.exists():
+            # latest.pt first, after any step file written later than the one it is a hard link to: a kill
+            # between writing a step file and pointing latest.pt at it leaves latest.pt one checkpoint
+            # behind. Written later, not numbered higher: a run resumed from an older step is newer. When
+            # latest.pt is a copy (no hard links there, or a copied run directory), it simply goes first.
+            latest = self.latest_path.stat()
+            newer = []
+            if any(os.path.samestat(p.stat(), latest) for p in steps):
+                newer = [p for p in steps if p.stat().st_mtime_ns > latest.st_mtime_ns]
+            candidates = newer + [self.latest_path] + [p for p in steps if p not in newer]
         if not candidates:
             return None
         failures: list[str] = []
