@@ -5,10 +5,11 @@ example that names what it is about (a question, a puzzle; ``batch["cue"]``). Ad
 fixed random codes, so a slot written at step 100 still means the same at step 10,000 (learned keys
 would drift away from what was written):
 
-* the cue's code binds each cue token's code to its position in the cue (elementwise products of
-  random +-1 vectors, summed and normalised: distinct cues are nearly orthogonal); the key of position
-  i binds the cue code to i's offset from the cue's start, so a question asked with or without a long
-  context in front addresses the same slots;
+* the cue's code is a random +-1 vector drawn from a hash of the cue's tokens (in order): the same cue
+  always gets the same code, any other cue (even one token apart) a nearly orthogonal one, so recall is
+  exact-match, not by similarity; the key of position i binds the cue code to i's offset from the cue's
+  start (an elementwise product with a random +-1 offset code), so a question asked with or without a
+  long context in front addresses the same slots;
 * a slot's value is the mass-weighted mean of the value codes of the tokens written to it.
 
 Reading (every forward, no gradient: the codes and slots are constants): softmax attention of each
@@ -38,9 +39,12 @@ from torch import nn
 
 
 class AddressCodes(nn.Module):
-    """Fixed random +-1 codes: token and cue-position codes [V, K] / [L, K] for addresses, offset codes
-    [L, K], value codes [V, Dv]. Drawn from ``seed`` on the CPU at construction (non-persistent buffers:
-    the same seed gives the same codes, so checkpoints need not hold them)."""
+    """Fixed random codes: the cue's key code is drawn from a hash of the cue's tokens, so the same cue (in any
+    context) gets the same code and any other cue, even one token apart, a nearly orthogonal one; offset codes
+    [L, K] and value codes [V, Dv] are +-1 tables drawn from ``seed`` on the CPU at construction
+    (non-persistent buffers: the same seed gives the same codes, so checkpoints need not hold them)."""
+
+    PRIME = 2_147_483_647  # 2^31 - 1: products of two residues stay below 2^62, exact in int64
 
     def __init__(self, vocab_size: int, max_len: int, key_dim: int, value_dim: int, seed: int = 0) -> None:
         super().__init__()
@@ -49,21 +53,36 @@ class AddressCodes(nn.Module):
         def bipolar(*shape: int) -> torch.Tensor:
             return torch.randint(0, 2, shape, generator=generator, device="cpu").float() * 2 - 1
 
-        self.register_buffer("token", bipolar(vocab_size, key_dim), persistent=False)
-        self.register_buffer("cue_position", bipolar(max_len, key_dim), persistent=False)
+        def residues(*shape: int) -> torch.Tensor:
+            return torch.randint(1, self.PRIME, shape, generator=generator, device="cpu", dtype=torch.long)
+
         self.register_buffer("offset", bipolar(max_len, key_dim), persistent=False)
         self.register_buffer("value", bipolar(vocab_size, value_dim) / math.sqrt(value_dim), persistent=False)
+        # The cue hash is sum_p (token_p + 1) * base^p (mod PRIME), p counted from the cue's start; each key
+        # dimension k is then the parity of (a_k * hash + b_k) mod PRIME (a universal hash per dimension).
+        base = int(residues(1))
+        powers = [1]
+        for _ in range(max_len - 1):
+            powers.append(powers[-1] * base % self.PRIME)
+        self.register_buffer("powers", torch.tensor(powers, dtype=torch.long), persistent=False)
+        self.register_buffer("hash_a", residues(key_dim), persistent=False)
+        self.register_buffer("hash_b", residues(key_dim), persistent=False)
+
+    @torch.no_grad()
+    def cue_hash(self, inputs: torch.Tensor, cue: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B] hash of each row's cue tokens in order, [B, L] offset of every position from the cue's start)."""
+        length = inputs.shape[1]
+        start = cue.float().argmax(dim=1)  # first cue position (0 for rows without one)
+        relative = (torch.arange(length, device=inputs.device).unsqueeze(0) - start.unsqueeze(1)) % length
+        terms = (inputs.long() + 1) * self.powers[relative] % self.PRIME * cue
+        return terms.sum(dim=1) % self.PRIME, relative
 
     @torch.no_grad()
     def keys(self, inputs: torch.Tensor, cue: torch.Tensor) -> torch.Tensor:
         """[B, L, K] unit keys of every position (zero for rows without a cue)."""
-        batch, length = inputs.shape
-        has_cue = cue.any(dim=1)
-        start = cue.float().argmax(dim=1)  # first cue position (0 for rows without one)
-        relative = (torch.arange(length, device=inputs.device).unsqueeze(0) - start.unsqueeze(1)) % length
-        bound = self.token[inputs] * self.cue_position[relative]  # [B, L, K]
-        code = (bound * cue.unsqueeze(-1)).sum(dim=1)
-        code = F.normalize(code, dim=-1) * has_cue.unsqueeze(-1)
+        cue_hash, relative = self.cue_hash(inputs, cue)
+        bits = (self.hash_a.unsqueeze(0) * cue_hash.unsqueeze(1) + self.hash_b) % self.PRIME % 2
+        code = (bits.float() * 2 - 1) / math.sqrt(bits.shape[1]) * cue.any(dim=1, keepdim=True)
         return code.unsqueeze(1) * self.offset[relative]  # +-1 products keep the norm
 
 

@@ -9,7 +9,7 @@ One forward::
         z, edit = core(z, x, y, memory.persistent)      (ReasoningNet + persistent KeyValueMemory)
         y = y + edit                                    (the residual edit of the prediction state)
         logits_n = heads.logits(y, task_type)           (the step's prediction)
-        h_n = sigmoid(halting(mean of z))               (the step's halting probability)
+        h_n = (1 - eps) sigmoid(halting(mean of z))     (the step's halting probability)
     ACT (Graves 2016, models/cogment/act.py): weights p_n from h; logits = sum_n p_n logits_n;
     ponder cost N + R.
 
@@ -45,6 +45,13 @@ from models.components.parameters import parameter_counts
 from utils.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
+
+
+def inverse_permutation(source: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> [B, L]: where each original position went. Position j of a permuted row holds original
+    position ``source[j]``, so original position i is found at ``back[i]`` with ``back[source[j]] = j``."""
+    positions = torch.arange(source.shape[1], device=source.device).expand_as(source)
+    return torch.empty_like(source).scatter_(1, source, positions)
 
 
 class Cogment(nn.Module, Callback):
@@ -125,8 +132,13 @@ class Cogment(nn.Module, Callback):
             step_logits.append(self.heads.logits(prediction, task_type))
             pooled = (state * real).sum(1) / real.sum(1).clamp(min=1.0)
             halt_logits.append(self.halting(pooled)[0])
-        halt_probs = torch.sigmoid(torch.stack(halt_logits, dim=1))
-        act = graves_halting(halt_probs, float(self.act_epsilon))
+        # h_n = (1 - epsilon) sigmoid(logit): no single step closes the sum, so a row runs at least two steps
+        # when the budget allows. With h_1 >= 1 - epsilon a row would halt at step 1 with R = 1, and neither the
+        # ponder cost nor the answer would depend on h any more: a halting head that learnt to stop at once in
+        # the 2-step sanity stage would get no gradient to ever ponder again in the longer stages.
+        epsilon = float(self.act_epsilon)
+        halt_probs = (1.0 - epsilon) * torch.sigmoid(torch.stack(halt_logits, dim=1))
+        act = graves_halting(halt_probs, epsilon)
         weights = act.weights.t().to(step_logits[0].dtype)  # [T, B]
         logits = sum(w[:, None, None] * step for w, step in zip(weights, step_logits))
         return {"logits": logits, "step_logits": step_logits, "halt_probs": halt_probs, "act_weights": act.weights,
@@ -144,8 +156,7 @@ class Cogment(nn.Module, Callback):
         cue = batch.get("cue")
         rotated = self.refine(batch["inputs"][rows].gather(1, source), batch["task_type"][rows],
                               None if cue is None else cue[rows].gather(1, source))
-        # Rotated position j holds original position source[j]: put each logit back at source[j].
-        back = torch.empty_like(source).scatter_(1, source, identity.expand_as(source))
+        back = inverse_permutation(source)
         aligned = rotated["logits"].gather(1, back.unsqueeze(-1).expand_as(rotated["logits"]))
         return {"consistency_logits": aligned, "consistency_rows": rows}
 
