@@ -281,7 +281,7 @@ def test_compute_reads_the_history_and_the_state_round_trips() -> None:
     ev.update(out, batch)
     first, second = ev.compute(), ev.compute()
     assert first == pytest.approx(second, nan_ok=True) and ev.history == []  # compute() commits nothing
-    assert {"exact_acc/listops", "listops_acc", "step_exact_acc/1", "ponder_steps", "stage_complete"} <= set(first)
+    assert {"exact_acc/listops", "first_step_exact_acc/listops", "step_exact_acc/1", "ponder_steps", "stage_complete"} <= set(first)
     assert "exact_acc/maze" not in first
     ev.on_validation_end(_Stand(), first)
     assert len(ev.history) == 1

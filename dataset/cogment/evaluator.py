@@ -2,15 +2,15 @@
 
 Metrics (logged as ``val/<name>``):
 
-* per task type present: ``exact_acc/<task>`` (every scored token right), ``token_acc/<task>``,
-  ``answer_ce/<task>``; overall ``exact_acc``, ``token_acc``, ``answer_ce``; the usual names of the
-  benchmarks' own metrics: ``listops_acc``, ``passkey_recall``, ``passkey_memory_recall``,
-  ``gsm8k_answer_acc``, ``hotpotqa_answer_acc``, ``recall_acc`` (associative recall), ``arc_pass@k``
-  (a task counts as solved if one of k attempts is right; the attempts are the distinct predictions of
-  the ACT mixture and of each refinement step, most confident first);
-* refinement efficiency: ``step_exact_acc/<n>`` and ``step_token_acc/<n>`` (the prediction after step n),
-  per task ``step_exact_acc/<task>/<n>``, ``refinement_gain`` (last step minus first, exact), the mean
-  ``ponder_steps`` (ACT's N) and ``exact_acc_per_ponder_step``;
+* per task type present: ``exact_acc/<task>`` (every scored token right) and ``token_acc/<task>``;
+  the benchmarks' own metrics are these: ListOps accuracy is ``exact_acc/listops``, passkey recall
+  ``exact_acc/passkey`` (across contexts: ``exact_acc/passkey_memory``), GSM8K-like answer accuracy
+  ``exact_acc/gsm8k``; overall ``exact_acc``, ``token_acc`` and ``answer_ce`` (the answer's
+  cross-entropy); ``arc_pass@k``: a task counts as solved if one of k attempts is right, the attempts being
+  the distinct predictions of the ACT mixture and of each refinement step, most confident first;
+* refinement efficiency: ``step_exact_acc/<n>`` (the prediction after step n), per task
+  ``first_step_exact_acc/<task>`` and ``last_step_exact_acc/<task>``, ``refinement_gain`` (last step minus
+  first), the mean ``ponder_steps`` (ACT's N) and ``exact_acc_per_ponder_step``;
 * convergence (``check_stage_completion``): ``stage_complete`` (1 when the stage's pass criterion holds or it
   has converged), ``criterion_met``, ``plateaued``, ``train_exact_acc`` (training batches since the last
   evaluation), ``train_val_gap`` and ``grokking_onset_step`` (-1 until grokking is seen).
@@ -54,9 +54,6 @@ from utils.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
-ALIASES = {"listops": "listops_acc", "passkey": "passkey_recall", "passkey_memory": "passkey_memory_recall",
-           "gsm8k": "gsm8k_answer_acc", "hotpotqa": "hotpotqa_answer_acc", "associative_recall": "recall_acc",
-           "longbench": "longbench_exact_acc", "scrolls": "scrolls_exact_acc"}
 STAGE_KEYS = ("metric", "threshold", "patience", "min_delta", "max_gap")
 
 
@@ -101,11 +98,10 @@ class StageEvaluator(SumEvaluator, Callback):
         self.grokking_rise, self.grokking_delay = grokking_rise, grokking_delay
         names = ["rows", "exact", "tokens", "correct", "ce", "ponder", "samples", "input_tokens"]
         for task in self.task_names:
-            names += [f"rows/{task}", f"exact/{task}", f"tokens/{task}", f"correct/{task}", f"ce/{task}"]
+            names += [f"rows/{task}", f"exact/{task}", f"tokens/{task}", f"correct/{task}"]
             names += [f"step_exact/{task}/{n}" for n in range(1, max_steps_tracked + 1)]
         names += [f"step_rows/{n}" for n in range(1, max_steps_tracked + 1)]
         names += [f"step_exact/{n}" for n in range(1, max_steps_tracked + 1)]
-        names += [f"step_correct/{n}" for n in range(1, max_steps_tracked + 1)]
         names += ["arc_rows"] + [f"arc_pass/{k}" for k in range(1, pass_k + 1)]
         self.sum_names = tuple(names)
         super().__init__()
@@ -143,18 +139,17 @@ class StageEvaluator(SumEvaluator, Callback):
         self.add("ponder", outputs["ponder_steps"].sum())
         self.add("samples", labels.shape[0]), self.add("input_tokens", batch["inputs"].numel())
         steps = outputs["step_logits"][: self.max_steps_tracked]
-        step_stats = [row_stats(s) for s in steps]
-        for n, (step_exact, step_correct) in enumerate(step_stats, start=1):
+        step_stats = [row_stats(s)[0] for s in steps]
+        for n, step_exact in enumerate(step_stats, start=1):
             self.add(f"step_rows/{n}", counted.sum())
-            self.add(f"step_exact/{n}", step_exact.sum()), self.add(f"step_correct/{n}", step_correct.sum())
+            self.add(f"step_exact/{n}", step_exact.sum())
         for index, task in enumerate(self.task_names):
             rows = (task_type == index) & counted
             if not bool(rows.any()):
                 continue
             self.add(f"rows/{task}", rows.sum()), self.add(f"exact/{task}", (exact & rows).sum())
             self.add(f"tokens/{task}", (tokens * rows).sum()), self.add(f"correct/{task}", (correct * rows).sum())
-            self.add(f"ce/{task}", (row_ce * rows).sum())
-            for n, (step_exact, _) in enumerate(step_stats, start=1):
+            for n, step_exact in enumerate(step_stats, start=1):
                 self.add(f"step_exact/{task}/{n}", (step_exact & rows).sum())
             if task == "arc":
                 self._arc_pass_at_k(outputs, labels, rows)
@@ -183,21 +178,17 @@ class StageEvaluator(SumEvaluator, Callback):
         ratio = lambda a, b: s[a] / s[b] if s[b] > 0 else math.nan  # noqa: E731
         metrics = {"exact_acc": ratio("exact", "rows"), "token_acc": ratio("correct", "tokens"),
                    "answer_ce": ratio("ce", "rows"), "ponder_steps": ratio("ponder", "rows")}
+        steps = [n for n in range(1, self.max_steps_tracked + 1) if s[f"step_rows/{n}"] > 0]
         for task in self.task_names:
             if s[f"rows/{task}"] == 0:
                 continue
             metrics[f"exact_acc/{task}"] = ratio(f"exact/{task}", f"rows/{task}")
             metrics[f"token_acc/{task}"] = ratio(f"correct/{task}", f"tokens/{task}")
-            metrics[f"answer_ce/{task}"] = ratio(f"ce/{task}", f"rows/{task}")
-            if task in ALIASES:
-                metrics[ALIASES[task]] = metrics[f"exact_acc/{task}"]
-            for n in range(1, self.max_steps_tracked + 1):
-                if s[f"step_rows/{n}"] > 0:
-                    metrics[f"step_exact_acc/{task}/{n}"] = ratio(f"step_exact/{task}/{n}", f"rows/{task}")
-        steps = [n for n in range(1, self.max_steps_tracked + 1) if s[f"step_rows/{n}"] > 0]
+            if steps:  # refinement per task: the first step's prediction against the last one's
+                metrics[f"first_step_exact_acc/{task}"] = ratio(f"step_exact/{task}/1", f"rows/{task}")
+                metrics[f"last_step_exact_acc/{task}"] = ratio(f"step_exact/{task}/{steps[-1]}", f"rows/{task}")
         for n in steps:
             metrics[f"step_exact_acc/{n}"] = ratio(f"step_exact/{n}", f"step_rows/{n}")
-            metrics[f"step_token_acc/{n}"] = ratio(f"step_correct/{n}", "tokens")
         if steps:
             metrics["refinement_gain"] = metrics[f"step_exact_acc/{steps[-1]}"] - metrics["step_exact_acc/1"]
         metrics["exact_acc_per_ponder_step"] = metrics["exact_acc"] / metrics["ponder_steps"] if s["rows"] else math.nan
