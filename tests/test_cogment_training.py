@@ -1,0 +1,98 @@
+"""The Cogment curriculum through the real CLI: all five stages run in order, a stage ends on the
+StageEvaluator's verdict (val/stage_complete) or its budget, the memory is written only in the stages that
+write, and a run killed with SIGKILL in the middle of a stage or right at a stage boundary resumes to a
+bitwise-identical end (weights, four optimizers, schedules, Grokfast state, the memory's slots, the
+evaluator's convergence history, RNG streams).
+
+The curriculum is experiment=cogment_tiny with a few steps per stage, a narrower model and small datasets.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.cli_helpers import CPU, assert_tensors_equal, finish, load, paths, run, start, step_files, wait_for
+from utils.monitoring.plots import read_records
+
+BUDGETS = [4, 4, 6, 3, 4]
+MICRO = [
+    "experiment=cogment_tiny", CPU,
+    *[f"curriculum.stages.{i}.max_steps={n}" for i, n in enumerate(BUDGETS)],
+    "evaluators.stage.stages.sanity.threshold=0.0",  # stage 0 passes its criterion at its first evaluation
+    "trainer.max_steps=100", "trainer.eval_interval=2", "trainer.eval_max_batches=1", "trainer.eval_batch_size=8",
+    "trainer.log_interval=1", "trainer.checkpoint.interval=1", "schedule.warmup_steps=2",
+    "optim.components.halting.schedule.warmup_steps=2",
+    "data.num_train=48", "data.num_val=8", "model.hidden_size=32", "model.num_heads=2", "model.episodic_slots=128",
+]
+
+
+def _comparable(ckpt: dict) -> dict:
+    out = {k: v for k, v in ckpt.items() if k not in ("config", "logger_run_ids")}
+    out["config"] = {k: v for k, v in ckpt["config"].items() if k != "paths"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The uninterrupted micro curriculum (a checkpoint every step, so a kill can land anywhere)."""
+    base = tmp_path_factory.mktemp("cogment")
+    data = base / "ds"
+    result = run("train.py", *MICRO, *paths(base / "reference", data), timeout=400)
+    assert result.returncode == 0, result
+    return base / "reference" / "cogment_tiny", data
+
+
+def test_the_curriculum_runs_every_stage_and_advances_on_the_evaluator_or_the_budget(reference) -> None:
+    run_dir, _ = reference
+    records = read_records(run_dir)
+    ends = [r for r in records if r.get("event") == "stage_end"]
+    assert [e["name"] for e in ends] == ["sanity", "arc_visual", "algorithmic", "math_text", "long_context"]
+    assert ends[0]["step"] == 2 and "val/stage_complete >= 1.0" in ends[0]["reason"]  # its criterion, not its budget
+    assert all("budget" in e["reason"] for e in ends[1:])
+    steps = [e["step"] for e in ends]
+    assert steps == [2, 6, 12, 15, 19]
+    stops = [r for r in records if r.get("event") == "stop"]
+    assert stops[-1]["reason"].startswith("curriculum finished")
+    stage_of = lambda step: sum(step > s for s in steps[:-1])  # noqa: E731
+    evaluations = [r for r in records if r.get("kind") == "val"]
+    refinement = [2, 4, 8, 8, 6]
+    for r in evaluations:
+        stage = stage_of(r["step"])
+        assert 1 <= r["val/act/ponder_steps"] <= refinement[stage]  # ACT stays within the stage's budget
+        assert r[f"val/step_exact_acc/{refinement[stage]}"] >= 0  # every refinement step is scored
+        assert (r["val/memory/slots_used"] > 0) == (stage >= 2 and r["step"] > steps[1])  # read-only in stages 0-1
+    log = (run_dir / "train.log").read_text("utf-8")
+    assert "Cogment parameters: total" in log and "budget               within 25M" in log
+
+
+def _kill_and_rerun(tmp_path: Path, data: Path, kill_at: int) -> Path:
+    root = tmp_path / "ck"
+    run_dir = root / "cogment_tiny"
+    proc = start("train.py", *MICRO, *paths(root, data))
+    wait_for(lambda: kill_at in step_files(run_dir), timeout=300, what=f"the checkpoint of step {kill_at}", proc=proc,
+             poll_s=0.001)
+    proc.send_signal(signal.SIGKILL)
+    killed = finish(proc)
+    assert killed.returncode == -signal.SIGKILL, f"finished before the kill\n{killed}"
+    rerun = run("train.py", *MICRO, *paths(root, data), timeout=400)
+    assert rerun.returncode == 0, rerun
+    assert "Resumed from" in rerun.output, rerun
+    return run_dir
+
+
+@pytest.mark.parametrize("where", ["mid_stage", "stage_boundary"])
+def test_sigkill_in_a_stage_or_at_its_boundary_resumes_bitwise(reference, tmp_path: Path, where: str) -> None:
+    run_dir_ref, data = reference
+    # Mid-stage: a random step of the algorithmic stage (the first that writes to memory); boundary: its last step.
+    kill_at = random.Random(20261202).randint(7, 11) if where == "mid_stage" else 12
+    run_dir = _kill_and_rerun(tmp_path, data, kill_at)
+    final_ref, final = load(run_dir_ref / "latest.pt"), load(run_dir / "latest.pt")
+    assert final["train_state"]["stage"] == 4, f"killed at step {kill_at}"
+    assert final["model"]["memory.episodic.slot_mass"].gt(0).any()
+    assert assert_tensors_equal(_comparable(final_ref), _comparable(final), f"latest.pt (killed at step {kill_at})") > 50
+    ends = lambda d: [(r["step"], r["name"]) for r in read_records(d) if r.get("event") == "stage_end"]  # noqa: E731
+    assert ends(run_dir)[-2:] == ends(run_dir_ref)[-2:]
