@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: train test test-all bench-overhead bench-grokfast bench-trm-sudoku clean-venv
+.PHONY: train test test-all bench-overhead bench-grokfast bench-trm-sudoku bench-rgm bench-lpl clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench-grokfast: $(VENV)/.installed
 
 bench-trm-sudoku: $(VENV)/.installed
 	$(BIN)/python -m bench.trm_sudoku $(ARGS)
+
+bench-rgm: $(VENV)/.installed
+	$(BIN)/python -m bench.rgm $(ARGS)
+
+bench-lpl: $(VENV)/.installed
+	$(BIN)/python -m bench.lpl $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

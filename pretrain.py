@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from utils.cli import exit_code, report
 from utils.config.store import register_configs
+from utils.config.training_json import expand_training_json
 from utils.monitoring.run_logging import setup_logging
 from utils.training.runner import fit, not_writable
 from utils.training.trainer import TrainingInterrupted
@@ -67,6 +68,7 @@ if __name__ == "__main__":
     os.environ["HYDRA_FULL_ERROR"] = "1"
     setup_logging(None)
     try:
+        sys.argv[1:] = expand_training_json(sys.argv[1:])  # training_json=FILE -> the overrides it stands for
         main()
     except Exception as err:  # noqa: BLE001 - sorted by utils.cli: user errors exit 2, bugs re-raise
         unwritable = isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC)

@@ -6,7 +6,8 @@
 3. Makes sure the dataset exists (build, or wait for a builder that is already running).
 4. Hands off to pretrain.py in this process (exec), or to torchrun when trainer.nproc_per_node > 1.
 Everything that is not one of the flags above is passed to pretrain.py unchanged (Hydra overrides,
-`-m`, `--cfg job`, ...).
+`-m`, `--cfg job`, ...), except `training_json=FILE`, which becomes the overrides its "training" block
+stands for (utils/config/training_json.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataset.prepare import prepare_dataset
 from utils.cli import exit_for
 from utils.config.errors import ConfigError
 from utils.config.store import register_configs
+from utils.config.training_json import expand_training_json
 from utils.config.validation import validate_config
 from utils.monitoring.run_logging import setup_logging
 from utils.storage.checkpoint import CheckpointError, CheckpointManager
@@ -132,9 +134,10 @@ def split_hydra_args(passthrough: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     args, passthrough = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(None)
-    hydra_flags, overrides = split_hydra_args(passthrough)
-    single_run = not hydra_flags  # -m, --cfg, --help ...: pretrain.py/Hydra handles everything
     try:
+        passthrough = expand_training_json(passthrough)  # training_json=FILE -> the overrides it stands for
+        hydra_flags, overrides = split_hydra_args(passthrough)
+        single_run = not hydra_flags  # -m, --cfg, --help ...: pretrain.py/Hydra handles everything
         if single_run or args.dataset_only:
             cfg = compose_config(overrides)
             run_dir = Path(cfg.hydra.run.dir)

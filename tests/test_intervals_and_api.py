@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from models.oja.network import OjaNetwork
 from tests.cli_helpers import read_metrics, step_files
@@ -40,6 +41,28 @@ def test_evaluation_checkpoint_and_plot_intervals_in_epochs(make_cfg, tmp_path: 
     assert [r["step"] for r in read_metrics(run_dir, "val")] == [6, 12, 18]
     assert step_files(run_dir) == [3, 6, 9, 12, 15, 18]
     assert (run_dir / "plots" / "loss.png").exists()
+
+
+def test_a_schedule_spans_max_epochs_when_they_end_the_run_before_max_steps(make_cfg, tmp_path: Path) -> None:
+    # 3 steps per epoch, 4 epochs: the cosine reaches min_lr at step 12 (the run's end), not at max_steps=1000.
+    cfg = make_cfg(tmp_path, "schedule=cosine_annealing", "schedule.min_lr=1e-5", "optim.lr=1e-3",
+                   "trainer.max_steps=1000", "trainer.max_epochs=4")
+    fit(cfg)
+    lr = {r["step"]: r["lr/main"] for r in read_metrics(tmp_path / "ck" / "test", "train")}
+    assert lr[6] == pytest.approx((1e-3 + 1e-5) / 2) and lr[12] == pytest.approx(1e-5)
+
+
+def test_drop_last_false_keeps_the_short_batch_and_resumes_exactly(make_cfg, tmp_path: Path) -> None:
+    # 253 train equations / batch 64: 3 full batches and one of 61 per epoch.
+    common = ("trainer.drop_last=false", "trainer.max_steps=1000", "trainer.max_epochs=3", "trainer.eval_interval=100")
+    straight = fit(make_cfg(tmp_path / "a", *common))
+    assert straight.state.step == 12 and straight.state.epoch == 3
+    for stop in (3, 4):  # just before the short batch, and right after it (the epoch's end)
+        fit(make_cfg(tmp_path / f"b{stop}", *common, f"trainer.max_steps={stop}"))
+        resumed = fit(make_cfg(tmp_path / f"b{stop}", *common))
+        assert resumed.state.step == 12
+        for name, tensor in straight.trainer.model.state_dict().items():
+            assert torch.equal(tensor, resumed.trainer.model.state_dict()[name]), (stop, name)
 
 
 def test_a_typo_fails_in_compose_as_on_the_command_line() -> None:

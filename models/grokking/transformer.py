@@ -1,4 +1,14 @@
-"""Small decoder-only (causal) pre-LayerNorm transformer, as used for algorithmic data in Grokfast."""
+"""Small decoder-only (causal) transformer, as used for algorithmic data in Grokfast.
+
+Three switches reproduce the Grokfast reference implementation's model exactly where this launcher's
+defaults (a GPT-2 style pre-LayerNorm block) differ from it:
+- `norm_placement`: "pre" (x = x + attn(ln(x))) or "input" (the block normalises its input and keeps
+  the normalised stream: x = ln(x); x = x + attn(x); x = x + mlp(ln(x)), as in Power et al.'s
+  and the Grokfast reference code);
+- `init_std`: normal(0, std) weights (GPT-2) or null for PyTorch's default initialisation, with the
+  attention projections initialised as nn.MultiheadAttention does (Xavier-uniform, zero biases);
+- `head_bias`, and `num_classes` (null: one logit per vocabulary token, as the reference's head).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +18,15 @@ from torch import nn
 from models.components.attention import CausalSelfAttention
 
 
-class Block(nn.Module):
-    """Pre-LayerNorm block: x = x + attn(ln(x)); x = x + mlp(ln(x))."""
+NORM_PLACEMENTS = ("pre", "input")
 
-    def __init__(self, width: int, num_heads: int, dropout: float) -> None:
+
+class Block(nn.Module):
+    """x = x + attn(ln(x)) ("pre") or x = ln(x); x = x + attn(x) ("input"); then x = x + mlp(ln(x))."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float, norm_placement: str = "pre") -> None:
         super().__init__()
+        self.norm_placement = norm_placement
         self.ln1 = nn.LayerNorm(width)
         self.attn = CausalSelfAttention(width, num_heads, dropout)
         self.ln2 = nn.LayerNorm(width)
@@ -24,7 +38,11 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+        if self.norm_placement == "input":
+            x = self.ln1(x)
+            x = x + self.attn(x)
+        else:
+            x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
 
@@ -45,6 +63,8 @@ class DecoderTransformer(nn.Module):
         num_heads: int = 4,
         dropout: float = 0.0,
         init_std: float | None = 0.02,
+        norm_placement: str = "pre",
+        head_bias: bool = True,
     ) -> None:
         super().__init__()
         for name, value in {"vocab_size": vocab_size, "seq_len": seq_len, "width": width,
@@ -58,6 +78,8 @@ class DecoderTransformer(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(f"norm_placement must be one of {NORM_PLACEMENTS}, got {norm_placement!r}")
         self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.num_classes = vocab_size if num_classes is None else num_classes
@@ -65,11 +87,13 @@ class DecoderTransformer(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, width)
         self.pos_emb = nn.Embedding(seq_len, width)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(width, num_heads, dropout) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(Block(width, num_heads, dropout, norm_placement) for _ in range(num_layers))
         self.ln_f = nn.LayerNorm(width)
-        self.head = nn.Linear(width, self.num_classes)
+        self.head = nn.Linear(width, self.num_classes, bias=head_bias)
         if init_std is not None:
             self._init_weights(num_layers, init_std)
+        else:
+            self._init_attention_like_torch()
 
     def _init_weights(self, num_layers: int, std: float) -> None:
         # GPT-2 style; draws only from the global RNG, so torch.manual_seed makes it reproducible.
@@ -82,6 +106,13 @@ class DecoderTransformer(nn.Module):
         for block in self.blocks:
             for proj in (block.attn.proj, block.mlp[2]):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / (2 * num_layers) ** 0.5)
+
+    def _init_attention_like_torch(self) -> None:
+        # nn.MultiheadAttention's own initialisation of its packed projection (the reference model uses it).
+        for block in self.blocks:
+            nn.init.xavier_uniform_(block.attn.qkv.weight)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.zeros_(block.attn.proj.bias)
 
     def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
         """Final (post-LayerNorm) hidden states for every position: Float[B, T, width]."""

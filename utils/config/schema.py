@@ -67,6 +67,7 @@ class TrainerConf:
     max_steps: int = 1000
     max_epochs: Optional[int] = None  # stop after this many passes over the train set (whichever comes first)
     global_batch_size: int = 512  # the batch of one optimizer step, split across ranks
+    drop_last: bool = True  # false: keep each epoch's last, shorter batch (as the Grokfast reference does)
     eval_batch_size: Optional[int] = None  # per rank; defaults to the per-rank train batch size
     eval_interval: Any = 100  # steps (100, "100 steps") or epochs ("5 epochs"), see utils/training/intervals.py
     eval_max_batches: Optional[int] = None  # evaluate on a subset (a fixed shuffle of the validation set)

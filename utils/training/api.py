@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from utils.config.store import register_configs
+from utils.config.training_json import expand_training_json
 from utils.config.validation import validate_config
 from utils.training.runner import fit, move_aside, resolve_run_dir
 from utils.training.trainer import Trainer
@@ -50,7 +51,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config", validate
     if GlobalHydra.instance().is_initialized():  # e.g. a notebook that composed before
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="api"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+        cfg = hydra_compose(config_name=config_name, overrides=expand_training_json(overrides), return_hydra_config=True)
     # `${hydra:runtime.choices...}` (e.g. the grokking run_name) resolves only while Hydra's config is set:
     # resolve it here, then forget it, so run directories come from paths.root / run_name as documented.
     HydraConfig.instance().set_config(cfg)

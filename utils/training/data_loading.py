@@ -27,8 +27,10 @@ class ResumableDistributedSampler(DistributedSampler):
     each shard, i.e. the first `batches_in_epoch` global batches, which also holds when R changes.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, drop_last: bool = True) -> None:
+        # drop_last=False keeps the last, shorter global batch of an epoch (torch pads a shard that would
+        # come out shorter than the others by repeating the first indices, so every rank has as many batches).
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
         self._skip = 0
 
     def start_epoch(self, epoch: int, skip_samples: int = 0) -> None:

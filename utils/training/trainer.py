@@ -159,12 +159,13 @@ class Trainer:
 
     def reload_train_data(self) -> None:
         """A new training loader over `data.train_dataset` (e.g. after a streaming data module took in shards)."""
+        drop_last = self.tcfg.drop_last
         self.train_sampler = ResumableDistributedSampler(
-            self.data.train_dataset, self.dist.world_size, self.dist.rank, self.cfg.seed
+            self.data.train_dataset, self.dist.world_size, self.dist.rank, self.cfg.seed, drop_last
         )
         self.train_loader = make_loader(
             self.data.train_dataset, self.train_sampler, self.batch_size, self.data.collate_fn,
-            self.tcfg.num_workers, True, self.device.type == "cuda",
+            self.tcfg.num_workers, drop_last, self.device.type == "cuda",
         )
 
     def _build_model(self, model: torch.nn.Module | None) -> None:
@@ -195,12 +196,13 @@ class Trainer:
     def _build_optimization(self) -> None:
         self.optimizers: list[NamedOptimizer] = build_optimizers(self.model, self.cfg.optim)
         self.schedulers: dict[str, Any] = {}
+        horizon = self._schedule_horizon()
         for named in self.optimizers:
             schedule_cfg = named.schedule_cfg if named.schedule_cfg is not None else self.cfg.schedule
             if schedule_cfg is None:
                 continue
             factory = instantiate(schedule_cfg)
-            self.schedulers[named.name] = factory(named.optimizer, total_steps=self.tcfg.max_steps)
+            self.schedulers[named.name] = factory(named.optimizer, total_steps=horizon)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.grad_filter: GradFilter = instantiate(self.cfg.grad_filter) if self.cfg.grad_filter is not None else NoFilter()
         gm = self.tcfg.grad_monitor
@@ -217,6 +219,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.grad_clip = self.tcfg.grad_clip if self.tcfg.grad_clip is not None else math.inf
         self.max_loss, self.max_grad_norm = self.tcfg.divergence.max_loss, self.tcfg.divergence.max_grad_norm
+
+    def _schedule_horizon(self) -> int:
+        """The steps a schedule spans: the whole run, which trainer.max_epochs may end before trainer.max_steps
+        (a cosine then reaches its minimum at the last epoch). Counted with the first stage's batch size."""
+        steps = int(self.tcfg.max_steps)
+        if self.tcfg.max_epochs is not None:
+            steps = min(steps, int(self.tcfg.max_epochs) * len(self.train_loader))
+        return max(1, steps)
 
     def _build_callbacks(self) -> CallbackList:
         """The components that are Callbacks (model, loss, data, evaluators), then the `callbacks` group."""
@@ -596,7 +606,9 @@ class Trainer:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= self.dist.world_size
-        torch._foreach_copy_(grads, list(torch.split(flat, [g.numel() for g in grads])))  # type: ignore[arg-type]
+        chunks = torch.split(flat, [g.numel() for g in grads])
+        # view_as: a flat chunk only broadcasts onto a gradient with one non-trivial dimension (Oja's (1, D))
+        torch._foreach_copy_(grads, [chunk.view_as(g) for chunk, g in zip(chunks, grads)])
 
     def _skip_nonfinite_step(self, total: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self._zero_grad()
