@@ -10,6 +10,7 @@ Both kills are in one run so the default test set stays near a minute (each laun
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 from pathlib import Path
@@ -100,3 +101,24 @@ def test_sigkill_in_a_stage_and_at_its_boundary_resumes_bitwise(reference, tmp_p
     assert assert_tensors_equal(_comparable(final_ref), _comparable(final), f"latest.pt (killed at {mid} and 8)") > 50
     ends = lambda d: [(r["step"], r["name"]) for r in read_records(d) if r.get("event") == "stage_end"]  # noqa: E731
     assert ends(run_dir) == ends(run_dir_ref)
+
+
+@pytest.mark.slow
+def test_the_full_preset_reports_its_budget_and_trains_a_few_steps_on_cpu(tmp_path: Path) -> None:
+    """experiment=cogment at the seed's shapes (21M parameters): 3 steps of stage 0 on the CPU, evaluated."""
+    result = run("train.py", "experiment=cogment", CPU, "trainer.precision=fp32", "trainer.max_steps=3",
+                 "trainer.eval_interval=3", "trainer.eval_max_batches=1", "trainer.eval_batch_size=8",
+                 "trainer.log_interval=1", "trainer.checkpoint.interval=3", "data.num_train=64", "data.num_val=8",
+                 *paths(tmp_path / "runs", tmp_path / "ds"), timeout=900)
+    assert result.returncode == 0, result
+    lines = dict(line.split("Cogment parameters: ", 1)[1].split(None, 1) for line in result.output.splitlines()
+                 if "Cogment parameters: " in line)
+    planned = {"refinement_core": 6.80, "gated_ltm": 2.40, "heads_and_adapters": 11.90, "total": 21.13}
+    for name, seed_m in planned.items():
+        have = float(lines[name].split("M", 1)[0])
+        assert abs(have - seed_m) / seed_m < 0.02, (name, have, seed_m)
+    assert lines["budget"].strip() == "within 25M"
+    records = read_records(tmp_path / "runs" / "cogment")
+    losses = [r["train/loss"] for r in records if r.get("kind") == "train" and "train/loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert [r["step"] for r in records if r.get("kind") == "val"] == [3]
