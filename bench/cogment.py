@@ -1,6 +1,6 @@
 """Cogment's parts, each against its own ablation, measured with experiment=cogment_tiny on the CPU.
 
-    python -m bench.cogment                       # every part (about 10-15 minutes on 2 shared CPU cores)
+    python -m bench.cogment                       # every part (about 16 minutes on 2 loaded CPU cores)
     python -m bench.cogment --parts memory act    # some of them
     python -m bench.cogment --quick               # a quarter of the steps (a smoke run; numbers mean little)
 
@@ -14,6 +14,10 @@ from freshly initialised weights; what a part changes is listed with it.
               without (grad_filter none for the stage): steps to the stage's criterion (exact_acc >= 0.7)
               and to lower levels of exact accuracy, and their ratio. The stage's plateau rule is switched
               off so each run goes on until the criterion or the budget.
+  grokfast_sanity  the same comparison where a criterion is in reach: stage 0 (as configured, without a
+              filter) against stage 0 with the experiment's selective filter (grad_filter inherit), at the
+              stage's learning rates (lr_scale 7.5) and at the base rates of the filtered stages, an
+              evaluation every 25 steps: steps to the stage's criterion (linear maps >= 0.8) and their ratio.
   refinement  the two stage-2 models: exact and token accuracy of the prediction after each refinement
               step, on ListOps and on the mazes (held-out rows); is the last step better than the first?
   act         ListOps only (depth 2), stage 2's 8 refinement steps, ponder cost 0.001 / 0.01 / 0.05 / 0.2:
@@ -44,7 +48,7 @@ from omegaconf import DictConfig, open_dict
 from utils.training.api import TrainResult, compose, train
 
 STAGES = {"sanity": 0, "arc_visual": 1, "algorithmic": 2, "math_text": 3, "long_context": 4}
-LEVELS = (0.2, 0.3, 0.4, 0.5, 0.7)
+LEVELS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)  # the criterion (0.7) and lower marks, for short runs
 
 
 def stage_config(stage: str, root: Path, run_name: str, overrides: list[str] = ()) -> DictConfig:
@@ -136,6 +140,32 @@ def part_grokfast(root: Path, scale: float) -> tuple[dict[str, Any], dict[str, T
     return out, models
 
 
+def part_grokfast_sanity(root: Path, scale: float) -> dict[str, Any]:
+    """Stage 0 with and without the selective filter, at the stage's learning rates (lr_scale 7.5) and at
+    the experiment's base rates (lr_scale 1, those of the filtered stages)."""
+    out: dict[str, Any] = {}
+    for lr in ("stage", "base"):
+        runs: dict[str, Any] = {}
+        for variant in ("selective", "none"):
+            cfg = stage_config("sanity", root, f"bench_grokfast_sanity_{lr}_{variant}", ["trainer.eval_interval=25"])
+            with open_dict(cfg):
+                stage = cfg.curriculum.stages[0]
+                stage.max_steps = cfg.trainer.max_steps = max(20, int(500 * scale))
+                if variant == "selective":
+                    stage.grad_filter = "inherit"
+                if lr == "base":
+                    stage.lr_scale = {}
+                cfg.evaluators.stage.stages.sanity.patience = 10**6  # criterion or budget, no plateau
+            result, seconds = run(cfg)
+            runs[variant] = {"steps": result.trainer.state.step, "seconds": seconds,
+                             "best_exact": max(h["val/exact_acc/linear_map"] for h in result.history),
+                             "steps_to_0.8": first_step_at(result.history, "val/exact_acc/linear_map", 0.8)}
+        with_filter, without = runs["selective"]["steps_to_0.8"], runs["none"]["steps_to_0.8"]
+        runs["ratio_steps_without_over_with"] = without / with_filter if with_filter and without else None
+        out[lr] = runs
+    return out
+
+
 def part_refinement(models: dict[str, TrainResult]) -> dict[str, Any]:
     return {variant: accuracy_per_step(result, ["listops", "maze", "sudoku"]) for variant, result in models.items()}
 
@@ -199,6 +229,13 @@ def report(results: dict[str, Any]) -> None:
             print(f"grokfast {variant:<9} best exact {r['best_exact']:.3f}, steps to " +
                   ", ".join(f"{k}: {v}" for k, v in r["steps_to"].items()) + f"  ({r['steps']} steps, {r['seconds']:.0f} s)")
         print(f"grokfast steps without / with the filter, per level: {g['ratio_steps_without_over_with'] or 'no level reached by both'}")
+    if "grokfast_sanity" in results:
+        for lr, g in results["grokfast_sanity"].items():
+            for variant in ("selective", "none"):
+                r = g[variant]
+                print(f"grokfast stage 0, {lr} lr, {variant:<9} linear maps >= 0.8 at step {r['steps_to_0.8']}, best "
+                      f"{r['best_exact']:.3f} ({r['steps']} steps, {r['seconds']:.0f} s)")
+            print(f"grokfast stage 0, {lr} lr, steps without / with the filter: {g['ratio_steps_without_over_with']}")
     if "refinement" in results:
         for variant, tasks in results["refinement"].items():
             for task, r in tasks.items():
@@ -218,7 +255,7 @@ def report(results: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["sanity", "grokfast", "refinement", "act", "memory"])
+    parser.add_argument("--parts", nargs="+", default=["sanity", "grokfast", "grokfast_sanity", "refinement", "act", "memory"])
     parser.add_argument("--quick", action="store_true", help="a quarter of the steps")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--keep", type=Path, help="keep the run directories here (default: a temporary directory)")
@@ -234,6 +271,8 @@ def main() -> None:
         if "grokfast" in args.parts or "refinement" in args.parts:
             results["grokfast"], models = part_grokfast(root, scale)
             results["refinement"] = part_refinement(models)
+        if "grokfast_sanity" in args.parts:
+            results["grokfast_sanity"] = part_grokfast_sanity(root, scale)
         if "act" in args.parts:
             results["act"] = part_act(root, scale)
         if "memory" in args.parts:
