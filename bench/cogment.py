@@ -240,7 +240,7 @@ def report(results: dict[str, Any]) -> None:
         for variant, tasks in results["refinement"].items():
             for task, r in tasks.items():
                 print(f"refine   {variant:<9} {task:<8} exact per step " + " ".join(f"{a:.3f}" for a in r["exact"]) +
-                      f" | token " + " ".join(f"{a:.3f}" for a in r["token"]) +
+                      " | token " + " ".join(f"{a:.3f}" for a in r["token"]) +
                       f"  (last {'>' if r['exact'][-1] > r['exact'][0] else '<='} first, {r['rows']} rows)")
     if "act" in results:
         for cost, r in results["act"].items():
