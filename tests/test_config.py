@@ -76,12 +76,27 @@ def test_group_option_list_is_complete() -> None:
         assert expected in found
 
 
+# Options that change keys of another group's option, composed with that option (the default data is the
+# grokking task, which has no `tasks` for the Cogment stages to set).
+COMPOSED_WITH = {
+    ("curriculum", "cogment"): ["data=cogment/curriculum"],
+    ("curriculum", "cogment_tiny"): ["data=cogment/curriculum"],
+}
+
+
 @pytest.mark.parametrize(("group", "option"), group_options(), ids=lambda v: v)
 def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
-    cfg = validate(f"{group}={option}")
+    cfg = validate(f"{group}={option}", *COMPOSED_WITH.get((group, option), []))
     raw = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
     if isinstance(raw, DictConfig) and "_target_" in raw:  # a target group: the option really was selected
         assert cfg[group]._target_ == raw._target_
+
+
+def test_a_curriculum_with_data_it_does_not_fit_names_the_key_and_the_fix() -> None:
+    message = config_error("curriculum=cogment")  # its stages set data.tasks; the default data has no tasks
+    assert message.startswith("'curriculum.stages[0].data' sets data.tasks, which the data config "
+                              "(dataset.grokking.modular_arithmetic.ModularArithmeticData) does not have"), message
+    assert "data=..." in message and "\n" not in message, message
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))

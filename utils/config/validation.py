@@ -100,7 +100,14 @@ def _check_curriculum(cfg: DictConfig) -> None:
         try:
             merged = OmegaConf.merge(cfg.data, stage.data)
         except OmegaConfBaseException as err:
-            raise ConfigError(f"'{where}': {err.msg if hasattr(err, 'msg') else err}") from None
+            if getattr(err, "full_key", None):  # a key that `data` does not have
+                raise ConfigError(
+                    f"'{where}' sets {err.full_key}, which the data config ({cfg.data.get('_target_')}) does not "
+                    f"have: a stage's data keys override keys of `data`. Select the data this curriculum is "
+                    f"written for (data=...), or fix the key."
+                ) from None
+            first_line = str(getattr(err, "msg", err)).splitlines()[0]
+            raise ConfigError(f"'{where}': {first_line}") from None
         check_target_node(where, merged)
 
 
