@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: train test test-all bench-overhead bench-grokfast bench-trm-sudoku bench-rgm bench-lpl bench-cogment clean-venv
+.PHONY: train test test-all bench-overhead bench-grokfast bench-trm-sudoku bench-rgm bench-lpl bench-cogment bench-startup clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-rgm: $(VENV)/.installed
 
 bench-lpl: $(VENV)/.installed
 	$(BIN)/python -m bench.lpl $(ARGS)
+
+bench-startup: $(VENV)/.installed
+	$(BIN)/python -m bench.startup $(ARGS)
 
 bench-cogment: $(VENV)/.installed
 	$(BIN)/python -m bench.cogment $(ARGS)

@@ -46,7 +46,8 @@ def _exit_or_raise(code: int, err: Exception) -> None:
     sys.exit(code)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+# An absolute config path: relative ones resolve as a Python package when pretrain is imported (train.py).
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     setup_logging(None)  # errors before the run directory exists still reach the console
     try:
@@ -61,11 +62,14 @@ def main(cfg: DictConfig) -> float | None:
     return None
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """`python pretrain.py [args]`; train.py calls it with `argv` in its own process (no second start-up)."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     # Hydra then raises its override and composition errors instead of printing them and exiting 1:
     # a typo is a user error like any other (one message, exit 2).
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    if argv is not None:
+        sys.argv = [str(Path(__file__).resolve()), *argv]  # what @hydra.main parses
     setup_logging(None)
     try:
         sys.argv[1:] = expand_training_json(sys.argv[1:])  # training_json=FILE -> the overrides it stands for
@@ -75,3 +79,7 @@ if __name__ == "__main__":
         if unwritable and err.filename is not None:  # Hydra writing <run dir>/.hydra into a read-only or full place
             err = not_writable(Path(err.filename), err)
         sys.exit(report(err, log))
+
+
+if __name__ == "__main__":
+    cli()

@@ -4,7 +4,7 @@
 2. Auto-resume: reports the newest valid checkpoint there (pretrain.py resumes from it);
    `--fresh` moves the old run directory aside instead.
 3. Makes sure the dataset exists (build, or wait for a builder that is already running).
-4. Hands off to pretrain.py in this process (exec), or to torchrun when trainer.nproc_per_node > 1.
+4. Runs pretrain.py's entry point in this process, or execs torchrun when trainer.nproc_per_node > 1.
 Everything that is not one of the flags above is passed to pretrain.py unchanged (Hydra overrides,
 `-m`, `--cfg job`, ...), except `training_json=FILE`, which becomes the overrides its "training" block
 stands for (utils/config/training_json.py).
@@ -104,12 +104,10 @@ def preflight(cfg: DictConfig, run_dir: Path) -> None:
             )
 
 
-def pretrain_command(cfg: DictConfig, passthrough: list[str]) -> list[str]:
-    script = str(ROOT / "pretrain.py")
+def torchrun_command(cfg: DictConfig, passthrough: list[str]) -> list[str]:
     nproc = cfg.trainer.nproc_per_node
-    if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *passthrough]
-    return [sys.executable, script, *passthrough]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(ROOT / "pretrain.py"), *passthrough]
 
 
 # Hydra's flags that take a value (`--cfg job`, `-p trainer`): the value is not an override.
@@ -159,11 +157,17 @@ def main(argv: list[str] | None = None) -> None:
             job_cfg = validate_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     except Exception as err:  # noqa: BLE001 - sorted by utils.cli: user errors exit 2, bugs re-raise
         exit_for(err, log)
-    cmd = pretrain_command(job_cfg, passthrough)
+    if job_cfg.trainer.nproc_per_node == 1:
+        log.info("Handing off to pretrain.py in this process: %s", " ".join(passthrough) or "(no overrides)")
+        import pretrain  # here: torchrun jobs and early exits do not pay for its imports
+
+        pretrain.cli(passthrough)  # the same process, so the pid a user or SLURM signals is the trainer's
+        return
+    cmd = torchrun_command(job_cfg, passthrough)
     log.info("Handing off: %s", " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(cmd[0], cmd)  # replaces this process, so signals reach the trainer directly
+    os.execv(cmd[0], cmd)  # replaces this process, so signals reach torchrun directly
 
 
 if __name__ == "__main__":

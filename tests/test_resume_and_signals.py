@@ -234,7 +234,7 @@ def test_run_resumes_after_sigusr1(signalled, datasets):
 
 
 def test_sigint_to_train_py_reaches_the_trainer(tmp_path, datasets):
-    """train.py execs pretrain.py, so the pid the user (or SLURM) signals is the trainer itself."""
+    """train.py runs pretrain.py in its own process, so the pid the user (or SLURM) signals is the trainer itself."""
     root = tmp_path / "ck"
     run_dir = root / "default"
     proc = start("train.py", *LONG, *paths(root, datasets))
