@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,18 @@ EXACT = [*TINY, "model.dropout=0.1", "grad_filter=grokfast_ema", "trainer.ema.en
 FINAL_STEP = 42
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _two_nodes(port: int) -> list[str]:
+    """torchrun for one of two "nodes" of one process each on this machine (c10d rendezvous on localhost)."""
+    return ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -146,6 +159,9 @@ def runs(tmp_path_factory):
         "kill_all": Run(base / "kill_all", data_root, *TORCHRUN, "pretrain.py", *EXACT),
         "train_py": Run(base / "train_py", data_root, "train.py", *TINY, "trainer.nproc_per_node=2", "debug=fast"),
     }
+    port = _free_port()
+    for node in (0, 1):  # two torchrun agents that find each other, writing to one (shared) run directory
+        started[f"node{node}"] = Run(base / "nodes", data_root, *_two_nodes(port), "pretrain.py", *COMPARE)
     try:
         _kill_mid_run({name: started[name] for name in KILLS})
         for name in KILLS:
@@ -236,6 +252,24 @@ def test_two_processes_reproduce_one_process_with_the_same_global_batch(runs):
     assert read_metrics(runs["one"].run_dir, "val")[-1]["val/acc"] == read_metrics(runs["two"].run_dir, "val")[-1]["val/acc"]
     w1, w2 = load(runs["one"].run_dir / "latest.pt")["model"], load(runs["two"].run_dir / "latest.pt")["model"]
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-3
+
+
+def test_two_nodes_of_one_process_follow_one_node_of_two(runs):
+    """`--nnodes=2`: two torchrun agents (c10d rendezvous on localhost), one process each, against one agent
+    with two processes: the same world of 2 ranks, so the same metrics within the tolerance above."""
+    results = [runs[f"node{k}"].result() for k in (0, 1)]
+    for result in results:
+        assert result.returncode == 0, result
+    assert "Training default on cpu x2: steps 0 -> 40, batch 32 per rank" in results[0].output + results[1].output
+    nodes, two = runs["node0"].run_dir, runs["two"].run_dir
+    for kind, key in (("train", "train/loss"), ("val", "val/loss"), ("val", "val/acc")):
+        a = {r["step"]: r[key] for r in read_metrics(nodes, kind)}
+        b = {r["step"]: r[key] for r in read_metrics(two, kind)}
+        assert sorted(a) == sorted(b) == (list(range(1, 41)) if kind == "train" else [10, 20, 30, 40]), (a, b)
+        bad = [s for s in a if not math.isclose(a[s], b[s], rel_tol=RTOL, abs_tol=ATOL)]
+        assert not bad, f"{key} differs at steps {bad[:5]}: {[(a[s], b[s]) for s in bad[:5]]}"
+    assert [p.relative_to(nodes.parent) for p in nodes.parent.rglob("train.log")] == [Path("default/train.log")]
+    assert load(nodes / "latest.pt")["world_size"] == 2
 
 
 # ------------------------------------------------------------------------------------------ exact resume
