@@ -58,20 +58,22 @@ print(f"first step done, loss={loss.item():.3f}", flush=True)
 
 def plain_spec(overrides: list[str]) -> dict:
     """The model and optimizer the launcher builds for `overrides`, as constructor arguments."""
+    from hydra.utils import instantiate
+
     from utils.training.api import compose
 
     cfg = compose([*LAUNCHER_ARGS, *overrides])
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    target = model.pop("_target_")
-    p = cfg.data.p
-    model.update(vocab_size=model.get("vocab_size") or p + 2, seq_len=model.get("seq_len") or 4,
-                 num_classes=model.get("num_classes") or p)
-    optim = {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items()
-             if k in ("lr", "weight_decay", "betas", "eps")}
     if cfg.optim._target_ != "torch.optim.Adam":
         raise SystemExit(f"bench.startup builds torch.optim.Adam by hand; this config uses {cfg.optim._target_}")
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    target = model.pop("_target_")
+    # The trainer's rule: the data module's facts fill the constructor arguments the model config leaves out.
+    facts = instantiate(cfg.data).model_kwargs()
+    model = {**{k: v for k, v in facts.items() if k not in model}, **model}
+    optim = {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items()
+             if k in ("lr", "weight_decay", "betas", "eps")}
     return {"model_target": target, "model_kwargs": model, "optim_kwargs": optim,
-            "batch": int(cfg.trainer.global_batch_size), "num_classes": int(p)}
+            "batch": int(cfg.trainer.global_batch_size), "num_classes": int(facts["num_classes"])}
 
 
 def timed(cmd: list[str], marker: str, env: dict[str, str]) -> tuple[float, float]:
