@@ -18,8 +18,8 @@ import torch
 
 from dataset.ring_attractor.tasks import CUE_TRACKING, INTEGRATION, TASK_NAMES
 from models.ring_attractor.decoding import circular_difference
-from models.ring_attractor.figures import save_figure
 from utils.evaluators import SumEvaluator
+from utils.monitoring.plots import save_png
 from utils.training.callbacks import Callback
 
 DEGREES = 180.0 / math.pi
@@ -102,7 +102,7 @@ class HeadingError(SumEvaluator, Callback):
                 ax.legend(fontsize=7, loc="upper right")
         ax.set_xlabel("time (s)")
         fig.suptitle(f"decoded vs true heading at step {step} (unwrapped)", fontsize=10)
-        return {"heading_traces": save_figure(fig, Path(run_dir) / "plots" / "heading_traces.png")}
+        return {"heading_traces": save_png(fig, Path(run_dir) / "plots" / "heading_traces.png")}
 
 
 class BumpShape(SumEvaluator):

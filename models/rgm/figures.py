@@ -29,7 +29,7 @@ import torch
 from models.rgm import plots
 from models.rgm.model import RGM
 from utils.config.errors import ConfigError
-from utils.monitoring.plots import PLOTS_DIR, read_records
+from utils.monitoring.plots import PLOTS_DIR, read_records, series_of
 from utils.training.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -154,13 +154,9 @@ def draw_figures(model: RGM, batch: dict[str, torch.Tensor], records: list[dict[
 
 def _series(records: list[dict[str, Any]], kind: str, steps_per_epoch: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{key: (epochs, values)} of the numeric values in records of `kind`, in step order, one value per step."""
-    by_key: dict[str, dict[int, float]] = {}
-    for rec in records:
-        if rec.get("kind") != kind:
-            continue
-        for key, value in rec.items():
-            if key in ("step", "kind") or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            by_key.setdefault(key, {})[int(rec["step"])] = float(value)
-    return {key: (np.array(sorted(points)) / steps_per_epoch, np.array([points[s] for s in sorted(points)]))
-            for key, points in by_key.items()}
+    out = {}
+    for key, (steps, values) in series_of(records, kind).items():
+        points = dict(zip(steps, values))  # the last value of a step, as in the file
+        order = sorted(points)
+        out[key] = (np.array(order) / steps_per_epoch, np.array([points[s] for s in order]))
+    return out

@@ -7,7 +7,6 @@ display); `save` writes it as a PNG atomically. Images are 2-D arrays of pixels 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+
+from utils.monitoring.plots import save_png
 
 DPI = 100
 LOSS_TERMS = ("loss", "reconstruction", "prediction_error", "sparsity", "consistency")
@@ -24,12 +25,8 @@ TERM_TITLES = {"loss": "total (weighted sum)", "reconstruction": "reconstruction
 
 
 def save(fig: Figure, path: Path) -> Path:
-    """Write `fig` to `path` through a temporary file, so a reader never sees half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
-    return path
+    """Write `fig` to `path` at the family's resolution, never half-written."""
+    return save_png(fig, path, dpi=DPI)
 
 
 def tile(images: np.ndarray, per_row: int, gap: int = 1) -> np.ndarray:

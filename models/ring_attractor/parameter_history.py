@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.ring_attractor.figures import save_figure
 from models.ring_attractor.network import RING_PARAMETERS
+from utils.monitoring.plots import save_png
 from utils.training.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -93,4 +93,4 @@ class RingParameterHistory(Callback):
             ax.ticklabel_format(axis="y", useOffset=False)
             ax.grid(True, alpha=0.3)
         fig.suptitle(f"ring parameters during training (step {step}; epoch 0 = initial values)", fontsize=10)
-        return {"ring_parameters": save_figure(fig, Path(run_dir) / "plots" / "ring_parameters.png")}
+        return {"ring_parameters": save_png(fig, Path(run_dir) / "plots" / "ring_parameters.png")}

@@ -82,10 +82,12 @@ def _ema(values: list[float], alpha: float) -> list[float]:
     return out
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path, dpi: int = 90) -> Path:
+    """Write a matplotlib Figure to `path` through a temporary file: a reader never sees half a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, format="png", dpi=90)  # fixed margins (no bbox_inches="tight": that draws twice)
-    os.replace(tmp, path)  # a reader never sees a half-written PNG
+    fig.savefig(tmp, format="png", dpi=dpi)  # fixed margins (no bbox_inches="tight": that draws twice)
+    os.replace(tmp, path)
     return path
 
 
@@ -222,14 +224,14 @@ def make_plots(run_dir: Path | str, records: list[dict[str, Any]] | None = None)
         _log_scale_if_positive(ax, drawn)
         ax.legend(fontsize=8)
         _mark_stages(ax, stages)
-        images["loss"] = _save(fig, out_dir / "loss.png")
+        images["loss"] = save_png(fig, out_dir / "loss.png")
 
     if keys["lr"]:
         fig, ax = _figure("learning rate")
         _plot_lines(ax, train, keys["lr"])
         ax.legend(fontsize=8)
         _mark_stages(ax, stages)
-        images["lr"] = _save(fig, out_dir / "lr.png")
+        images["lr"] = save_png(fig, out_dir / "lr.png")
 
     if keys["grad_norm"]:
         fig, ax = _figure("gradient norm (before clipping; total and per component)")
@@ -237,15 +239,15 @@ def make_plots(run_dir: Path | str, records: list[dict[str, Any]] | None = None)
         _log_scale_if_positive(ax, drawn)
         ax.legend(fontsize=8)
         _mark_stages(ax, stages)
-        images["grad_norm"] = _save(fig, out_dir / "grad_norm.png")
+        images["grad_norm"] = save_png(fig, out_dir / "grad_norm.png")
 
     if keys["val_metrics"]:
         fig = metric_panels("validation metrics", keys["val_metrics"], val, stages)
-        images["val_metrics"] = _save(fig, out_dir / "val_metrics.png")
+        images["val_metrics"] = save_png(fig, out_dir / "val_metrics.png")
 
     if keys["train_metrics"]:
         fig = metric_panels("metrics the model reports during training", keys["train_metrics"], train, stages, smooth=True)
-        images["train_metrics"] = _save(fig, out_dir / "train_metrics.png")
+        images["train_metrics"] = save_png(fig, out_dir / "train_metrics.png")
     return images
 
 
