@@ -88,5 +88,10 @@ class GracefulShutdown:
             "Checkpoint saved; passing %s on to the handler installed before training (%s).",
             self.signal_name, getattr(handler, "__qualname__", handler),
         )
+        # The checkpoint is saved and this process is leaving. A requeue (submitit runs `scontrol requeue`)
+        # makes SLURM SIGTERM every process of the job, the requeue command too, which then "fails" and
+        # the job reports an error instead of being requeued (seen in tests/test_slurm.py). An ignored
+        # signal stays ignored in the children a handler starts, so the command completes.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         handler(self.signum, None)
         return True
