@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -160,8 +161,9 @@ def test_atomic_writes_replace_and_clean_up(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- pruning
-def test_keep_last_prunes_and_latest_tracks_newest(tmp_path: Path) -> None:
-    manager = CheckpointManager(tmp_path / "run", keep_last=2)
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_keep_last_prunes_and_latest_tracks_newest(tmp_path: Path, async_save: bool) -> None:
+    manager = CheckpointManager(tmp_path / "run", keep_last=2, async_save=async_save)
     assert manager.load_latest() is None  # directory does not even exist yet
     for step in range(1, 6):
         manager.save(small_state(step), step)
@@ -178,9 +180,10 @@ def test_keep_last_prunes_and_latest_tracks_newest(tmp_path: Path) -> None:
     ]
 
 
-def test_prune_never_deletes_what_latest_points_to(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_prune_never_deletes_what_latest_points_to(tmp_path: Path, async_save: bool) -> None:
     # Resumed from an older step while a newer (bad) step file exists: the fresh save must survive pruning.
-    manager = CheckpointManager(tmp_path, keep_last=1)
+    manager = CheckpointManager(tmp_path, keep_last=1, async_save=async_save)
     manager.save(small_state(10), 10)
     manager.save(small_state(7), 7)
     state, _ = manager.load_latest()
@@ -203,6 +206,128 @@ def test_a_step_file_written_after_latest_was_last_pointed_is_loaded_first(tmp_p
     manager.save(small_state(16), 16)  # and once latest.pt is current again, it is what loads
     state, path = manager.load_latest()
     assert (state["step"], path.name) == (16, "latest.pt")
+
+
+# ------------------------------------------------------------------------------------------ asynchronous saves
+class HoldWrites:
+    """`CheckpointManager.before_replace` hook: holds the writer once a temp file is complete, until released, so a
+    save is in flight for as long as a test needs (deterministic, no sleeps)."""
+
+    def __init__(self) -> None:
+        self.held = threading.Event()
+        self.released = threading.Event()
+        self.temp_files: list[Path] = []
+
+    def __call__(self, temp_file: Path) -> None:
+        self.temp_files.append(temp_file)
+        self.held.set()
+        assert self.released.wait(60), "the test never released the held write"
+
+
+def training_state() -> tuple[dict, torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 8)).square().mean().backward()
+        opt.step()
+        sched.step()
+    weight = model[0].weight.detach()
+    state = {
+        "model": model.state_dict(),  # an OrderedDict with _metadata
+        "optimizers": {"main": opt.state_dict()},
+        "schedulers": {"main": sched.state_dict()},
+        "shared": [weight, weight, weight[:3]],  # one storage three times: written once
+        "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+        "misc": {"seen": {1, 2}, "dtype": torch.float16, "t": (1, "x", None), "ordered": collections.OrderedDict(b=1)},
+    }
+    return state, model, opt
+
+
+def test_an_async_save_writes_the_bytes_of_a_sync_save_at_the_moment_of_the_call(tmp_path: Path) -> None:
+    state, model, opt = training_state()
+    CheckpointManager(tmp_path / "sync").save(state, 7)
+    manager = CheckpointManager(tmp_path / "async", async_save=True)
+    hold = HoldWrites()
+    manager.before_replace = hold
+    manager.save(state, 7)
+    assert hold.held.wait(30)
+    # In flight: only the hidden temp file exists. Training goes on and changes every live tensor meanwhile.
+    assert [p.name for p in (tmp_path / "async").iterdir()] == [hold.temp_files[0].name]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for per_param in opt.state.values():
+        per_param["exp_avg"].mul_(2.0)
+    hold.released.set()
+    manager.wait()
+    for name in ("step_00000007.pt", "step_00000007.pt.sha256", "latest.pt", "latest.pt.sha256"):
+        assert (tmp_path / "async" / name).read_bytes() == (tmp_path / "sync" / name).read_bytes(), name
+    assert os.path.samefile(tmp_path / "async" / "latest.pt", tmp_path / "async" / "step_00000007.pt")
+    loaded, path = manager.load_latest()  # verifies the digest
+    assert path.name == "latest.pt"
+    assert_same(loaded["shared"], [loaded["model"]["0.weight"]] * 2 + [loaded["model"]["0.weight"][:3]])
+    assert loaded["shared"][0].untyped_storage().data_ptr() == loaded["shared"][2].untyped_storage().data_ptr()
+    manager.close()
+
+
+def test_a_save_waits_for_the_previous_write_of_its_file_only(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2, async_save=True)
+    hold = HoldWrites()
+    manager.before_replace = hold
+    manager.save(small_state(1), 1)
+    assert hold.held.wait(30)
+    # best.pt has host buffers of its own: it is queued behind the step file and returns at once ...
+    named = threading.Thread(target=manager.save_named, args=("best.pt", small_state(1)))
+    named.start()
+    named.join(timeout=20)
+    assert not named.is_alive(), "save_named waited for the step file's write"
+    # ... the next step file waits for the previous one (its buffers are reused)
+    second = threading.Thread(target=manager.save, args=(small_state(2), 2))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive(), "the second save did not wait for the first write"
+    hold.released.set()
+    second.join(timeout=30)
+    manager.wait()
+    assert [p.name for p in manager.checkpoints()] == ["step_00000001.pt", "step_00000002.pt"]
+    assert manager.load_latest()[0]["step"] == 2
+    assert load_checkpoint(tmp_path / "best.pt", require_digest=True)["step"] == 1
+    assert manager.last_wait_s > 0.4
+
+
+def test_nonfinite_weights_are_refused_by_the_writer_and_raised_by_the_next_call(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, async_save=True)
+    good = {"model": {"w": torch.ones(4)}, "step": 1}
+    manager.save(good, 1, finite={"model": "model weights"})
+    manager.wait()
+    bad = {"model": {"w": torch.tensor([1.0, float("nan"), 2.0, 3.0])}, "step": 2}
+    manager.save(bad, 2, finite={"model": "model weights"})  # returns: the check runs on the copy, in the writer
+    with pytest.raises(CheckpointError) as raised:
+        manager.save({"model": {"w": torch.ones(4)}, "step": 3}, 3)
+    with pytest.raises(CheckpointError) as direct:  # a sync save says the same
+        CheckpointManager(tmp_path / "sync").save(bad, 2, finite={"model": "model weights"})
+    assert str(raised.value) == str(direct.value)
+    assert "Refusing to save model weights: non-finite values (NaN/Inf) in w" in str(raised.value)
+    assert not (tmp_path / "step_00000002.pt").exists() and not list(tmp_path.glob(".*"))
+    assert manager.load_latest()[0]["step"] == 1
+    manager.save({"model": {"w": torch.ones(4)}, "step": 3}, 3)  # the error was raised once; saving goes on
+    manager.close()
+    assert manager.load_latest()[0]["step"] == 3
+
+
+def test_a_failed_async_write_raises_the_message_of_a_sync_save_at_wait(tmp_path: Path) -> None:
+    state = {"step": 1, "losses": collections.deque([1.0, 2.0])}  # refused: the safe loader cannot read a deque
+    with pytest.raises(CheckpointError) as direct:
+        CheckpointManager(tmp_path).save(state, 1)
+    manager = CheckpointManager(tmp_path, async_save=True)
+    manager.save(state, 1)
+    with pytest.raises(CheckpointError) as raised:
+        manager.close()
+    assert str(raised.value) == str(direct.value) and "deque" in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------ corruption

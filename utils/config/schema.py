@@ -41,6 +41,9 @@ class CheckpointConf:
     keep_last: int = 3
     save_best: bool = True
     resume: bool = True  # auto-resume from the run directory's newest valid checkpoint
+    # Copy the state to host memory and write it in a background thread (docs/checkpoints.md#asynchronous-saves):
+    # the loop stalls for the copy only. The same files and guarantees either way; false writes in the loop.
+    async_save: bool = True
 
 
 @dataclass

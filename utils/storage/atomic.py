@@ -95,11 +95,19 @@ class _HashingWriter:
         return self._sha.hexdigest()
 
 
-def atomic_torch_save(obj: Any, path: Path, *, temp_path: Path | None = None, pause_before_replace_s: float = 0.0) -> str:
+def atomic_torch_save(
+    obj: Any,
+    path: Path,
+    *,
+    temp_path: Path | None = None,
+    pause_before_replace_s: float = 0.0,
+    before_replace: Callable[[Path], None] | None = None,
+) -> str:
     """`torch.save(obj)` to `path` atomically; returns the sha256 of the bytes written.
 
     `pause_before_replace_s` (testing only) sleeps once the temporary file is complete, before the
-    rename, so a test can SIGKILL the writer in the middle of a write.
+    rename, so a test can SIGKILL the writer in the middle of a write. `before_replace` (testing only)
+    is called at the same point with the temporary file's path: a test can hold the write there.
     """
     import torch  # here, not at the top: the text helpers above serve modules that must not pull in torch
 
@@ -112,6 +120,9 @@ def atomic_torch_save(obj: Any, path: Path, *, temp_path: Path | None = None, pa
         if pause_before_replace_s > 0:
             f.flush()
             time.sleep(pause_before_replace_s)
+        if before_replace is not None:
+            f.flush()
+            before_replace(Path(f.name))
 
     atomic_write(Path(path), write, temp_path)
     assert writer is not None

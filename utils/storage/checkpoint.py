@@ -38,13 +38,16 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from utils.storage.atomic import TEMP_NAME_RE, atomic_torch_save, atomic_write_text, fsync_dir, temp_path_for
+from utils.storage.snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +160,12 @@ def _is_out_of_space(err: BaseException, path: Path, needed: int) -> bool:
     return shutil.disk_usage(path.parent).free < needed
 
 
-def save_with_sidecar(obj: Any, path: Path) -> str:
+def save_with_sidecar(obj: Any, path: Path, *, before_replace: Callable[[Path], None] | None = None) -> str:
     """torch.save `obj` to `path` atomically, then its `<path>.sha256` sidecar (also atomically); returns the digest.
 
     Refuses (CheckpointError, before writing anything) a state `torch.load(weights_only=True)` could not read,
     and one that does not fit on the disk (DiskFullError; checked before writing, and again if a write fails).
+    `before_replace` (testing only): see `atomic_torch_save`.
     """
     path = Path(path)
     _check_loadable(obj, path)
@@ -170,7 +174,7 @@ def save_with_sidecar(obj: Any, path: Path) -> str:
     if shutil.disk_usage(path.parent).free < needed:
         raise _disk_full(path, needed)
     try:
-        digest = atomic_torch_save(obj, path)
+        digest = atomic_torch_save(obj, path, before_replace=before_replace)
         _write_sidecar(path, digest)  # after the checkpoint: a sidecar never vouches for a file not yet in place
     except (OSError, RuntimeError) as err:
         if _is_out_of_space(err, path, needed):
@@ -287,13 +291,30 @@ def _pid_alive(pid: int) -> bool:
 
 
 class CheckpointManager:
-    """Periodic `step_XXXXXXXX.pt` snapshots + `latest.pt` + named files in one directory (single writer)."""
+    """Periodic `step_XXXXXXXX.pt` snapshots + `latest.pt` + named files in one directory (single writer).
 
-    def __init__(self, directory: Path | str, keep_last: int = 3) -> None:
+    With `async_save=True`, `save` and `save_named` copy the state to host memory (`utils.storage.snapshot`)
+    and return; one background thread writes the copies in the order they were made, with every guarantee of
+    a direct save (atomic rename, digest, latest.pt, pruning, the finite and loadable checks on the copy). A
+    new save of a file first waits for the previous save of that file (its host buffers are reused), so at
+    most one copy per file is in flight. A write that failed raises its error, unchanged, from the next call
+    of this manager (`save`, `save_named`, `discard`, `load_latest`, `wait`, `close`). `wait()` returns once
+    every write is on disk; a process must call it (or `close`) before it reports a checkpoint as saved.
+    """
+
+    def __init__(self, directory: Path | str, keep_last: int = 3, *, async_save: bool = False) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.async_save = async_save
+        # Testing only: called in the writer with a complete temp file before it is renamed (a test holds it).
+        self.before_replace: Callable[[Path], None] | None = None
+        self.last_write_s: dict[str, float] = {}  # per file kind ("step" or a name): seconds of the last write
+        self.last_wait_s = 0.0  # seconds the last save waited for the previous write of its file
+        self._executor: ThreadPoolExecutor | None = None
+        self._in_flight: dict[str, Future] = {}  # file kind -> its newest write
+        self._snapshotters: dict[str, Snapshotter] = {}
 
     @property
     def latest_path(self) -> Path:
@@ -303,17 +324,86 @@ class CheckpointManager:
         return self.directory / f"step_{step:08d}.pt"
 
     # ------------------------------------------------------------------ writing
-    def save(self, state: dict, step: int) -> Path:
-        """Write `step_{step:08d}.pt`, point `latest.pt` at it, prune old step files. Returns the step file."""
+    def save(self, state: dict, step: int, *, finite: Mapping[str, str] | None = None) -> Path:
+        """Write `step_{step:08d}.pt`, point `latest.pt` at it, prune old step files. Returns the step file.
+
+        `finite` maps top-level keys of `state` to what they are ("model" -> "model weights"): a NaN/Inf in
+        them refuses the save (CheckpointError, see assert_finite_state); with async_save this is checked on
+        the copy, in the writer. With async_save the file is on disk once `wait()` returns.
+        """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
+        self._submit("step", self._write_step, state, step, finite or {})
+        return self.step_path(step)
+
+    def _write_step(self, state: dict, step: int, finite: Mapping[str, str]) -> None:
+        for key, what in finite.items():
+            assert_finite_state(state[key], what)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temp_files()
         path = self.step_path(step)
-        digest = save_with_sidecar(state, path)
+        digest = save_with_sidecar(state, path, before_replace=self.before_replace)
         self._point_latest_at(path, digest)
         self._prune(protect=path)
-        return path
+        log.info("Saved checkpoint %s", path)
+
+    # ------------------------------------------------------------------ the background writer
+    def _submit(self, kind: str, write: Callable[..., None], state: Any, *args: Any) -> None:
+        """Run `write(state, *args)` now, or (async_save) on a host copy of `state` in the writer thread."""
+        self._raise_failed()
+        if not self.async_save:
+            start = time.perf_counter()
+            write(state, *args)
+            self.last_write_s[kind] = time.perf_counter() - start
+            return
+        previous = self._in_flight.get(kind)
+        start = time.perf_counter()
+        if previous is not None:
+            previous.result()  # its buffers are about to be reused; its error is raised here
+        self.last_wait_s = time.perf_counter() - start
+        snapshot = self._snapshotters.setdefault(kind, Snapshotter()).copy(state)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+
+        def timed() -> None:
+            t0 = time.perf_counter()
+            write(snapshot, *args)
+            self.last_write_s[kind] = time.perf_counter() - t0
+
+        self._in_flight[kind] = self._executor.submit(timed)
+
+    def _raise_failed(self) -> None:
+        """Raise the error of a write that has failed (without waiting for those still running)."""
+        for kind, future in list(self._in_flight.items()):
+            if future.done():
+                del self._in_flight[kind]
+                future.result()
+
+    def wait(self) -> None:
+        """Block until every background write is on disk; raise the first one's error if any failed."""
+        first: BaseException | None = None
+        for future in list(self._in_flight.values()):
+            try:
+                future.result()
+            except BaseException as e:  # noqa: BLE001 - kept, raised below once all writes are done
+                first = first or e
+        self._in_flight.clear()
+        if first is not None:
+            raise first
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """`wait()`, then stop the writer thread (a later save starts a new one). With raise_errors=False (an
+        error is already on its way out) a failed write is logged instead of raised."""
+        try:
+            self.wait()
+        except Exception as e:  # noqa: BLE001 - logged when another error is already being raised
+            if raise_errors:
+                raise
+            log.error("A background checkpoint write failed too: %s", e)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
 
     def discard(self, step: int) -> Path | None:
         """Remove step `step`'s file (its weights turned out to diverge) and point `latest.pt` at the newest
@@ -337,8 +427,11 @@ class CheckpointManager:
         if Path(name).name != name or name.startswith(".") or name == LATEST_NAME or _STEP_RE.match(name):
             raise ValueError(f"save_named: {name!r} must be a plain file name other than latest.pt / step_*.pt")
         path = self.directory / name
-        save_with_sidecar(state, path)
+        self._submit(name, self._write_named, state, path)
         return path
+
+    def _write_named(self, state: dict, path: Path) -> None:
+        save_with_sidecar(state, path, before_replace=self.before_replace)
 
     def _point_latest_at(self, path: Path, digest: str) -> None:
         latest = self.latest_path
@@ -392,6 +485,7 @@ class CheckpointManager:
         Returns (state, path loaded) or None if the directory holds no checkpoint. Raises CheckpointError if
         checkpoints exist but none can be loaded.
         """
+        self.wait()
         steps = self.checkpoints()[::-1]
         candidates = steps
         if self.latest_path.exists():

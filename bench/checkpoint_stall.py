@@ -1,0 +1,159 @@
+"""Checkpoint stall: how long a save holds up the training loop, synchronous against asynchronous.
+
+    python -m bench.checkpoint_stall [--sizes 25M,163M] [--rounds 5] [--dir DIR] [--out results.json]
+
+For each size, a stack of nn.Linear layers with that many parameters and Adam's state (exp_avg and
+exp_avg_sq, after one step), saved through CheckpointManager the way the trainer saves it
+({"model", "optimizers", "train_state"}), fsync'ed, keep_last=2, into DIR (default: a temporary directory
+under the system's temp dir; put it on the disk your runs use). Each round saves once with
+`async_save=False` and once with `async_save=True`, in alternating order (sync first in even rounds),
+with a small in-place change of every weight before each save (as a training step would make).
+
+Reported per size and mode, medians over the rounds after the first (the first async save allocates its
+host buffers; it is reported on its own):
+
+  stall      the time `save()` blocks the caller: the whole write for sync; for async the host copy of
+             every tensor plus handing it to the writer thread (the previous write was finished first)
+  write      the writer's time: torch.save + fsync + digest + rename + latest.pt + pruning (for sync it is
+             the stall itself)
+  finite     `assert_finite_state` on the weights: in the loop for sync, in the writer for async
+
+One intra-op thread (OMP_NUM_THREADS=1 is set here unless given), as the CPU presets run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402 - after OMP_NUM_THREADS
+
+from utils.storage.checkpoint import CheckpointManager, assert_finite_state  # noqa: E402
+
+SIZES = {"25M": (1024, 24), "163M": (2048, 39)}  # (width, layers): 25.2M and 163.7M parameters
+
+
+def build(width: int, layers: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    model = shapes.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    opt.step()  # allocates exp_avg / exp_avg_sq, as after the first training step
+    return model, opt
+
+
+def state_of(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizers": {"main": opt.state_dict()},
+        "train_state": {"step": step, "history": [{"step": step, "val/loss": 0.5}]},
+    }
+
+
+def measure(size: str, rounds: int, root: Path) -> dict[str, Any]:
+    width, layers = SIZES[size]
+    model, opt = build(width, layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    managers = {
+        "sync": CheckpointManager(root / size / "sync", keep_last=2, async_save=False),
+        "async": CheckpointManager(root / size / "async", keep_last=2, async_save=True),
+    }
+    rows: dict[str, list[dict[str, float]]] = {"sync": [], "async": []}
+    step = 0
+    for r in range(rounds):
+        for mode in ("sync", "async") if r % 2 == 0 else ("async", "sync"):
+            step += 1
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1e-6)  # a new state each save, like a training step
+            manager = managers[mode]
+            state = state_of(model, opt, step)
+            start = time.perf_counter()
+            if mode == "sync":
+                assert_finite_state(state["model"], "model weights")  # where the trainer runs it for sync saves
+                manager.save(state, step)
+            else:
+                manager.save(state, step, finite={"model": "model weights"})
+            stall = time.perf_counter() - start
+            manager.wait()  # the next save comes later than the write takes (its wait is reported below)
+            start = time.perf_counter()
+            assert_finite_state(state["model"], "model weights")
+            finite = time.perf_counter() - start
+            rows[mode].append({"stall_s": stall, "write_s": manager.last_write_s["step"],
+                               "wait_s": manager.last_wait_s, "finite_s": finite})
+            print(f"{size} round {r} {mode:5s} stall {stall * 1e3:8.1f} ms  write {manager.last_write_s['step']:.3f} s",
+                  flush=True)
+    checkpoint_bytes = managers["sync"].checkpoints()[-1].stat().st_size
+
+    def med(mode: str, key: str) -> float:
+        values = [row[key] for row in rows[mode][1:]] or [rows[mode][0][key]]
+        return statistics.median(values)
+
+    summary = {
+        "parameters": n_params,
+        "checkpoint_mib": checkpoint_bytes / 2**20,
+        "rounds": rounds,
+        "rows": rows,
+        **{f"{mode}_{key}": med(mode, key) for mode in rows for key in ("stall_s", "write_s", "finite_s")},
+        "async_first_stall_s": rows["async"][0]["stall_s"],
+    }
+    summary["stall_ratio_async_over_sync"] = summary["async_stall_s"] / summary["sync_stall_s"]
+    del model, opt, managers
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="25M,163M", help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        parser.error(f"--sizes: unknown {unknown}; choose from {', '.join(SIZES)}")
+    root = Path(tempfile.mkdtemp(prefix="ckpt_stall_", dir=args.dir))
+    report: dict[str, Any] = {"load_average_at_start": os.getloadavg(), "torch": torch.__version__,
+                              "threads": torch.get_num_threads(), "dir": str(root)}
+    try:
+        for size in sizes:
+            report[size] = measure(size, args.rounds, root)
+            shutil.rmtree(root / size)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report["load_average_at_end"] = os.getloadavg()
+
+    print(f"\nload average {report['load_average_at_start'][0]:.2f} at start, {report['load_average_at_end'][0]:.2f} "
+          f"at end; {report['threads']} torch thread(s); medians of rounds 2..{args.rounds}")
+    print("| size | checkpoint | sync stall | async stall (first) | async / sync | write in background | "
+          "finite check |")
+    print("|---|---|---|---|---|---|---|")
+    for size in sizes:
+        s = report[size]
+        print(f"| {size} ({s['parameters'] / 1e6:.1f}M params + Adam) | {s['checkpoint_mib']:.0f} MiB "
+              f"| {s['sync_stall_s'] * 1e3:.0f} ms | {s['async_stall_s'] * 1e3:.0f} ms "
+              f"({s['async_first_stall_s'] * 1e3:.0f} ms) | {s['stall_ratio_async_over_sync']:.3f} "
+              f"| {s['async_write_s'] * 1e3:.0f} ms | {s['sync_finite_s'] * 1e3:.0f} ms |")
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
