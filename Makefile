@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: train test test-all bench-overhead bench-grokfast bench-trm-sudoku bench-rgm bench-lpl bench-cogment bench-startup clean-venv
+.PHONY: train test test-all bench-overhead bench-grokfast bench-trm-sudoku bench-rgm bench-lpl bench-cogment bench-startup bench-checkpoint clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-startup: $(VENV)/.installed
 
 bench-cogment: $(VENV)/.installed
 	$(BIN)/python -m bench.cogment $(ARGS)
+
+bench-checkpoint: $(VENV)/.installed
+	$(BIN)/python -m bench.checkpoint_stall $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -17,6 +17,8 @@ host buffers; it is reported on its own):
   write      the writer's time: torch.save + fsync + digest + rename + latest.pt + pruning (for sync it is
              the stall itself)
   finite     `assert_finite_state` on the weights: in the loop for sync, in the writer for async
+  fork()     not a mode of the launcher: how long os.fork() of this process takes, the stall a copy-on-write
+             snapshot (a forked child writes) would start with
 
 One intra-op thread (OMP_NUM_THREADS=1 is set here unless given), as the CPU presets run.
 """
@@ -99,6 +101,7 @@ def measure(size: str, rounds: int, root: Path) -> dict[str, Any]:
             print(f"{size} round {r} {mode:5s} stall {stall * 1e3:8.1f} ms  write {manager.last_write_s['step']:.3f} s",
                   flush=True)
     checkpoint_bytes = managers["sync"].checkpoints()[-1].stat().st_size
+    fork_s = fork_times(3) if hasattr(os, "fork") else []
 
     def med(mode: str, key: str) -> float:
         values = [row[key] for row in rows[mode][1:]] or [rows[mode][0][key]]
@@ -111,10 +114,26 @@ def measure(size: str, rounds: int, root: Path) -> dict[str, Any]:
         "rows": rows,
         **{f"{mode}_{key}": med(mode, key) for mode in rows for key in ("stall_s", "write_s", "finite_s")},
         "async_first_stall_s": rows["async"][0]["stall_s"],
+        # Not what the launcher does: what a copy-on-write snapshot (fork, the child writes) would stall for.
+        "fork_s": statistics.median(fork_s) if fork_s else None,
     }
     summary["stall_ratio_async_over_sync"] = summary["async_stall_s"] / summary["sync_stall_s"]
     del model, opt, managers
     return summary
+
+
+def fork_times(n: int) -> list[float]:
+    """Seconds `os.fork()` takes in this process (the child exits at once): the stall of a copy-on-write
+    snapshot, before the page faults the parent pays when it next writes the copied pages."""
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        times.append(time.perf_counter() - start)
+        os.waitpid(pid, 0)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,14 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average {report['load_average_at_start'][0]:.2f} at start, {report['load_average_at_end'][0]:.2f} "
           f"at end; {report['threads']} torch thread(s); medians of rounds 2..{args.rounds}")
     print("| size | checkpoint | sync stall | async stall (first) | async / sync | write in background | "
-          "finite check |")
-    print("|---|---|---|---|---|---|---|")
+          "finite check | fork() |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in sizes:
         s = report[size]
+        fork = f"{s['fork_s'] * 1e3:.1f} ms" if s["fork_s"] is not None else "n/a"
         print(f"| {size} ({s['parameters'] / 1e6:.1f}M params + Adam) | {s['checkpoint_mib']:.0f} MiB "
               f"| {s['sync_stall_s'] * 1e3:.0f} ms | {s['async_stall_s'] * 1e3:.0f} ms "
               f"({s['async_first_stall_s'] * 1e3:.0f} ms) | {s['stall_ratio_async_over_sync']:.3f} "
-              f"| {s['async_write_s'] * 1e3:.0f} ms | {s['sync_finite_s'] * 1e3:.0f} ms |")
+              f"| {s['async_write_s'] * 1e3:.0f} ms | {s['sync_finite_s'] * 1e3:.0f} ms | {fork} |")
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2))
     return 0

@@ -3,6 +3,8 @@
 * SIGKILL at a random checkpoint, rerun: the final state is bitwise identical to an uninterrupted run.
 * SIGINT / SIGTERM / SIGUSR1: checkpoint, exit 75, resumable; a second SIGINT aborts with 130.
 * A corrupt newest checkpoint is skipped with a warning; a diverging run stops with exit 3.
+* SIGTERM / SIGUSR1 / SIGKILL while a background save is in flight (held there by tests/ckpt_gate.py):
+  a valid checkpoint is left, and the resumed run is bitwise identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tests.cli_helpers import (
     train_steps,
     wait_for,
 )
-from utils.storage.checkpoint import CheckpointManager
+from utils.storage.checkpoint import CheckpointManager, load_checkpoint
 from utils.signals import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_NONFINITE
 
 # ------------------------------------------------------------------------------- exact resume after SIGKILL
@@ -165,6 +167,88 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(uninterrupted,
     final = load(run_dir / "latest.pt")
     assert final["train_state"]["step"] == BATCHES_PER_EPOCH * (EPOCHS + 1)
     assert train_steps(run_dir) == list(range(1, BATCHES_PER_EPOCH * (EPOCHS + 1) + 1))
+
+
+# ----------------------------------------------------------------------- a signal or a kill during an async save
+def holding(name: str, directory: Path) -> list[str]:
+    """Overrides that hold the background write of checkpoint file `name` in flight (tests/ckpt_gate.py)."""
+    return ["+callbacks.gate._target_=tests.ckpt_gate.HoldCheckpointWrite", f"+callbacks.gate.hold={name}",
+            f"+callbacks.gate.directory={directory}"]
+
+
+def trained_state(ckpt: dict) -> dict:
+    """`comparable`, without the config and the test's own callback (run A has neither)."""
+    out = comparable(ckpt)
+    del out["config"]
+    out["callbacks"] = {k: v for k, v in out["callbacks"].items() if k != "callbacks/gate"}
+    return out
+
+
+def assert_same_final_state(uninterrupted, run_dir: Path) -> None:
+    a = uninterrupted.result()
+    assert a.returncode == 0, a
+    final_a, final_b = load(uninterrupted.run_dir / "latest.pt"), load(run_dir / "latest.pt")
+    assert final_b["train_state"]["step"] == FINAL_STEP
+    assert assert_tensors_equal(trained_state(final_a), trained_state(final_b), "latest.pt") > 20
+    assert_tensors_equal(load(uninterrupted.run_dir / "ema_model.pt"), load(run_dir / "ema_model.pt"), "ema_model.pt")
+    assert_tensors_equal(load(uninterrupted.run_dir / "best.pt"), load(run_dir / "best.pt"), "best.pt")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
+def test_a_signal_while_a_save_is_in_flight_leaves_a_valid_checkpoint_and_resume_stays_exact(
+    uninterrupted, datasets, tmp_path, sig
+):
+    root, gate = tmp_path / "ck", tmp_path / "gate"
+    run_dir = root / "default"
+    args = [*EXACT, *paths(root, datasets), *holding("step_00000005.pt", gate)]
+    proc = start("pretrain.py", *args)
+    wait_for(lambda: (gate / "held").exists(), timeout=180, what="the write of step 5 to be held", proc=proc,
+             poll_s=0.002)
+    assert not (run_dir / "step_00000005.pt").exists() and Path((gate / "held").read_text()).exists()
+    proc.send_signal(sig)  # training went on meanwhile; the next save waits for this write
+    wait_for(lambda: f"{sig.name} received" in (run_dir / "train.log").read_text(), timeout=60,
+             what=f"{sig.name} to be handled", proc=proc, poll_s=0.002)
+    (gate / "release").touch()
+    result = finish(proc, timeout=120)
+    assert result.returncode == EXIT_INTERRUPTED, result
+    assert "checkpoint saved; run the same command again to resume" in result.output, result
+    stop = [m for m in read_metrics(run_dir, "event") if m["event"] == "stop"][-1]
+    state, path = CheckpointManager(run_dir).load_latest()  # digests verified
+    assert path.name == "latest.pt" and state["train_state"]["step"] == stop["step"] > 5, (path, stop)
+    assert load_checkpoint(run_dir / "step_00000005.pt", require_digest=True)["train_state"]["step"] == 5
+    assert not [p.name for p in run_dir.iterdir() if ".tmp." in p.name], "a temp file was left"
+
+    rerun = run("pretrain.py", *args)
+    assert rerun.returncode == 0, rerun
+    assert f"Resumed from {run_dir / 'latest.pt'} at step {stop['step']}" in rerun.output, rerun
+    assert train_steps(run_dir) == list(range(1, FINAL_STEP + 1))
+    assert_same_final_state(uninterrupted, run_dir)
+
+
+def test_sigkill_while_a_save_is_in_flight_leaves_the_previous_checkpoint_and_resume_stays_exact(
+    uninterrupted, datasets, tmp_path
+):
+    root, gate = tmp_path / "ck", tmp_path / "gate"
+    run_dir = root / "default"
+    args = [*EXACT, *paths(root, datasets), *holding("step_00000010.pt", gate)]
+    proc = start("pretrain.py", *args)
+    wait_for(lambda: (gate / "held").exists(), timeout=180, what="the write of step 10 to be held", proc=proc,
+             poll_s=0.002)
+    temp = Path((gate / "held").read_text())
+    proc.send_signal(signal.SIGKILL)
+    killed = finish(proc)
+    assert killed.returncode == -signal.SIGKILL, killed
+    # The killed write: complete, but under its hidden temp name only; the previous checkpoint is what loads.
+    assert temp.exists() and temp.name.startswith(".") and not (run_dir / "step_00000010.pt").exists()
+    state, path = CheckpointManager(run_dir).load_latest()
+    assert path.name == "latest.pt" and state["train_state"]["step"] == 5, path
+
+    (gate / "release").touch()
+    rerun = run("pretrain.py", *args)
+    assert rerun.returncode == 0, rerun
+    assert f"Resumed from {run_dir / 'latest.pt'} at step 5" in rerun.output, rerun
+    assert not temp.exists(), "the killed writer's temp file is removed by the next save"
+    assert_same_final_state(uninterrupted, run_dir)
 
 
 # ------------------------------------------------------------------------------------------ graceful signals
