@@ -298,6 +298,25 @@ def test_a_save_waits_for_the_previous_write_of_its_file_only(tmp_path: Path) ->
     assert manager.last_wait_s > 0.4
 
 
+def test_discard_waits_for_the_write_in_flight(tmp_path: Path) -> None:
+    # The trainer discards the checkpoint just before a non-finite streak: it may still be being written.
+    manager = CheckpointManager(tmp_path, async_save=True)
+    manager.save(small_state(1), 1)
+    manager.wait()
+    hold = HoldWrites()
+    manager.before_replace = hold
+    manager.save(small_state(2), 2)
+    assert hold.held.wait(30)
+    discard = threading.Thread(target=manager.discard, args=(2,))
+    discard.start()
+    discard.join(timeout=0.5)
+    assert discard.is_alive(), "discard did not wait for the write of the file it removes"
+    hold.released.set()
+    discard.join(timeout=30)
+    assert [p.name for p in manager.checkpoints()] == ["step_00000001.pt"]
+    assert manager.load_latest()[0]["step"] == 1
+
+
 def test_nonfinite_weights_are_refused_by_the_writer_and_raised_by_the_next_call(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path, async_save=True)
     good = {"model": {"w": torch.ones(4)}, "step": 1}

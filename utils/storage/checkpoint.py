@@ -408,6 +408,7 @@ class CheckpointManager:
     def discard(self, step: int) -> Path | None:
         """Remove step `step`'s file (its weights turned out to diverge) and point `latest.pt` at the newest
         remaining step file; returns that file (None when none is left, and latest.pt is removed too)."""
+        self.wait()  # its file may still be being written (async_save)
         path = self.step_path(step)
         path.unlink(missing_ok=True)
         _sidecar_path(path).unlink(missing_ok=True)
