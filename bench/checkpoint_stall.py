@@ -17,6 +17,8 @@ host buffers; it is reported on its own):
   write      the writer's time: torch.save + fsync + digest + rename + latest.pt + pruning (for sync it is
              the stall itself)
   finite     `assert_finite_state` on the weights: in the loop for sync, in the writer for async
+  back-to-back  a second async save right after one (saves due faster than the disk writes): it waits
+             for the previous write (wait), then copies
   fork()     not a mode of the launcher: how long os.fork() of this process takes, the stall a copy-on-write
              snapshot (a forked child writes) would start with
 
@@ -101,6 +103,13 @@ def measure(size: str, rounds: int, root: Path) -> dict[str, Any]:
             print(f"{size} round {r} {mode:5s} stall {stall * 1e3:8.1f} ms  write {manager.last_write_s['step']:.3f} s",
                   flush=True)
     checkpoint_bytes = managers["sync"].checkpoints()[-1].stat().st_size
+    # Saves due faster than the disk writes: the second of two back-to-back async saves waits for the first.
+    managers["async"].save(state_of(model, opt, step + 1), step + 1)
+    start = time.perf_counter()
+    managers["async"].save(state_of(model, opt, step + 2), step + 2)
+    back_to_back = time.perf_counter() - start
+    back_to_back_wait = managers["async"].last_wait_s
+    managers["async"].close()
     fork_s = fork_times(3) if hasattr(os, "fork") else []
 
     def med(mode: str, key: str) -> float:
@@ -116,6 +125,8 @@ def measure(size: str, rounds: int, root: Path) -> dict[str, Any]:
         "async_first_stall_s": rows["async"][0]["stall_s"],
         # Not what the launcher does: what a copy-on-write snapshot (fork, the child writes) would stall for.
         "fork_s": statistics.median(fork_s) if fork_s else None,
+        "async_back_to_back_stall_s": back_to_back,
+        "async_back_to_back_wait_s": back_to_back_wait,
     }
     summary["stall_ratio_async_over_sync"] = summary["async_stall_s"] / summary["sync_stall_s"]
     del model, opt, managers
@@ -161,15 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average {report['load_average_at_start'][0]:.2f} at start, {report['load_average_at_end'][0]:.2f} "
           f"at end; {report['threads']} torch thread(s); medians of rounds 2..{args.rounds}")
     print("| size | checkpoint | sync stall | async stall (first) | async / sync | write in background | "
-          "finite check | fork() |")
-    print("|---|---|---|---|---|---|---|---|")
+          "finite check | back-to-back async stall (wait) | fork() |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
         s = report[size]
         fork = f"{s['fork_s'] * 1e3:.1f} ms" if s["fork_s"] is not None else "n/a"
         print(f"| {size} ({s['parameters'] / 1e6:.1f}M params + Adam) | {s['checkpoint_mib']:.0f} MiB "
               f"| {s['sync_stall_s'] * 1e3:.0f} ms | {s['async_stall_s'] * 1e3:.0f} ms "
               f"({s['async_first_stall_s'] * 1e3:.0f} ms) | {s['stall_ratio_async_over_sync']:.3f} "
-              f"| {s['async_write_s'] * 1e3:.0f} ms | {s['sync_finite_s'] * 1e3:.0f} ms | {fork} |")
+              f"| {s['async_write_s'] * 1e3:.0f} ms | {s['sync_finite_s'] * 1e3:.0f} ms "
+              f"| {s['async_back_to_back_stall_s'] * 1e3:.0f} ms ({s['async_back_to_back_wait_s'] * 1e3:.0f} ms) | {fork} |")
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2))
     return 0

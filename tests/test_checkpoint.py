@@ -349,6 +349,24 @@ def test_a_failed_async_write_raises_the_message_of_a_sync_save_at_wait(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_saving_async_writes_the_checkpoints_of_a_run_saving_sync(make_cfg, tmp_path: Path) -> None:
+    from utils.training.runner import fit  # the trainer, in this process
+
+    common = ("trainer.max_steps=4", "trainer.checkpoint.interval=2", "trainer.ema.enabled=true")
+    runs = {mode: tmp_path / mode / "ck" / "test" for mode in ("sync", "async")}
+    fit(make_cfg(tmp_path / "sync", *common, "trainer.checkpoint.async_save=false"))
+    fit(make_cfg(tmp_path / "async", *common, "trainer.checkpoint.async_save=true"))
+    names = sorted(p.name for p in runs["sync"].iterdir() if p.suffix in (".pt", ".sha256"))
+    assert names == sorted(p.name for p in runs["async"].iterdir() if p.suffix in (".pt", ".sha256"))
+    assert {"latest.pt", "best.pt", "ema_model.pt", "step_00000004.pt"} <= set(names)
+    assert not [p for p in runs["async"].iterdir() if ".tmp." in p.name]
+    for name in (n for n in names if n.endswith(".pt")):
+        sync, async_ = (load_checkpoint(runs[m] / name, require_digest=True) for m in ("sync", "async"))
+        for state in (sync, async_):
+            state.pop("config", None)  # paths and async_save differ; everything else is the same run
+        assert_same(sync, async_, name)
+
+
 # ------------------------------------------------------------------------------------------------ corruption
 def test_truncated_latest_falls_back_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     manager = CheckpointManager(tmp_path)

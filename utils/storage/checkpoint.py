@@ -385,7 +385,7 @@ class CheckpointManager:
         for future in list(self._in_flight.values()):
             try:
                 future.result()
-            except BaseException as e:  # noqa: BLE001 - kept, raised below once all writes are done
+            except Exception as e:  # noqa: BLE001 - a write's own error: kept, raised once all writes are done
                 first = first or e
         self._in_flight.clear()
         if first is not None:

@@ -424,8 +424,9 @@ class Trainer:
             log.warning("Step %d is in a streak of %d non-finite steps: no checkpoint saved (the last good one is kept).",
                         self.state.step, self.state.consecutive_nonfinite)
             return
-        # Async: the finite check runs on the copy in the writer (on 163M parameters it costs ~0.1 s here); its
-        # error, like any write error, is raised by the next save or at the end of fit (the same message).
+        # Async: the finite check runs on the copy in the writer (0.13 s at 25M, 0.76 s at 163M parameters in
+        # bench/checkpoint_stall.py); its error, like any write error, is raised by the next save or at the end
+        # of fit, with the same message.
         in_writer = self.ckpt.async_save
         state = self.checkpoint_state(check_finite=not in_writer)
         if self.dist.is_main:
