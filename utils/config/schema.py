@@ -95,6 +95,9 @@ class TrainerConf:
     cpu_threads: Optional[int] = None
     nproc_per_node: int = 1  # >1: train.py starts torchrun itself
     dist_backend: Optional[str] = None  # default: nccl on GPU, gloo on CPU
+    # How long a collective waits for a rank that stopped answering (a hung or unreachable node) before the
+    # others fail; null: torch's default (10 min nccl, 30 min gloo). A dead process is noticed at once anyway.
+    dist_timeout_s: Optional[float] = None
     deterministic: bool = False  # torch.use_deterministic_algorithms
 
 

@@ -215,7 +215,7 @@ def _check_trainer(cfg: DictConfig, model_given: bool) -> None:
     for key in ("max_steps", "global_batch_size", "log_interval"):
         if t[key] <= 0:
             raise ConfigError(f"trainer.{key} must be positive, got {t[key]}.")
-    for key in ("eval_batch_size", "eval_max_batches", "max_epochs", "cpu_threads"):
+    for key in ("eval_batch_size", "eval_max_batches", "max_epochs", "cpu_threads", "dist_timeout_s"):
         if t[key] is not None and t[key] <= 0:
             raise ConfigError(f"trainer.{key} must be positive (or null), got {t[key]}.")
     if not 0.0 <= t.ema.decay <= 1.0:
