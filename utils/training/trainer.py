@@ -42,7 +42,7 @@ from utils.optim.schedules import scale_learning_rate, steps_per_call
 from utils.rng import capture_rng_state, restore_rng_state, seed_everything
 from utils.signals import GracefulShutdown
 from utils.storage.checkpoint import CheckpointError, CheckpointManager, assert_finite_state
-from utils.training import config_changes
+from utils.training import config_changes, fsdp
 from utils.training.callbacks import Callback, CallbackList
 from utils.training.curriculum import Curriculum, Stage, stage_data_config
 from utils.training.data_loading import ResumableDistributedSampler, ShardSampler, make_loader
@@ -183,9 +183,15 @@ class Trainer:
         forward_model: torch.nn.Module = self.model
         # A local learner is not wrapped: DDP's hooks fire in backward, which it has none of; its updates are
         # averaged across ranks by _average_local_updates instead.
+        # With trainer.strategy=fsdp the model itself becomes the sharded one (fully_shard works in place).
+        self.sharded = False
         if self.dist.distributed and not self.learns_locally and any(p.requires_grad for p in self.model.parameters()):
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
+            if self.tcfg.strategy == "fsdp":
+                fsdp.shard_model(self.model, self.device)
+                self.sharded = True
+            else:
+                device_ids = [self.device.index] if self.device.type == "cuda" else None
+                forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
         if self.tcfg.compile:
             forward_model = torch.compile(forward_model)  # type: ignore[assignment]
         self.forward_model = forward_model
@@ -384,8 +390,18 @@ class Trainer:
         self.writer.log({"event": "stage", "stage": self.stage.index, "name": self.stage.name}, s.step, kind="event")
 
     # ------------------------------------------------------------------ checkpoints
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The model's full weights: under FSDP a collective that gathers them to rank 0 (others get {})."""
+        return fsdp.full_model_state(self.model) if self.sharded else self.model.state_dict()
+
+    def _optimizer_states(self) -> dict[str, Any]:
+        if self.sharded:  # collective; the same layout as a DDP run's (rank 0; {} elsewhere)
+            return {n.name: fsdp.full_optimizer_state(self.model, n.optimizer) for n in self.optimizers}
+        return {n.name: n.optimizer.state_dict() for n in self.optimizers}
+
     def checkpoint_state(self) -> dict[str, Any]:
-        model_state = self.model.state_dict()
+        """Collective (RNG gather; under FSDP the weights and optimizer states too); complete on rank 0."""
+        model_state = self.model_state()
         assert_finite_state(model_state, "model weights")
         # Every rank's RNG stream and carried state (each rank carries its own rows), so each resumes its own.
         local = {"rng": capture_rng_state(), "carry": _to_device(self.carry, torch.device("cpu"))}
@@ -398,7 +414,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "model_class": f"{type(self.model).__module__}.{type(self.model).__name__}",
             "model": model_state,
-            "optimizers": {n.name: n.optimizer.state_dict() for n in self.optimizers},
+            "optimizers": self._optimizer_states(),
             "schedulers": {name: sch.state_dict() for name, sch in self.schedulers.items()},
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
@@ -445,9 +461,14 @@ class Trainer:
         self._check_compatible(ckpt, path)
         step = int(ckpt["train_state"]["step"])
         self.last_good_checkpoint = (self.ckpt.step_path(step) if self.ckpt.step_path(step).exists() else path, step)
-        self.model.load_state_dict(ckpt["model"])
-        for named in self.optimizers:
-            named.optimizer.load_state_dict(ckpt["optimizers"][named.name])
+        if self.sharded:  # every rank read the whole file: each keeps its own shard
+            fsdp.load_model_state(self.model, ckpt["model"])
+            for named in self.optimizers:
+                fsdp.load_optimizer_state(self.model, named.optimizer, ckpt["optimizers"][named.name])
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            for named in self.optimizers:
+                named.optimizer.load_state_dict(ckpt["optimizers"][named.name])
         for name, sch in self.schedulers.items():
             sch.load_state_dict(ckpt["schedulers"][name])
         config_changes.apply(ckpt["config"], current, self.optimizers, self.schedulers)
@@ -725,8 +746,9 @@ class Trainer:
         improved = is_improvement(value, s.best_metric, self.tcfg.monitor_mode, es.min_delta)
         if improved and not s.consecutive_nonfinite:
             s.best_metric, s.best_step, s.evals_without_improvement = value, s.step, 0
+            weights = self.model_state() if self.tcfg.checkpoint.save_best else {}  # every rank (FSDP gathers)
             if self.tcfg.checkpoint.save_best and self.dist.is_main:
-                best = {"model": self.model.state_dict(), "step": s.step, "metric": value, "monitor": monitor}
+                best = {"model": weights, "step": s.step, "metric": value, "monitor": monitor}
                 if self.ema is not None:
                     best["ema"] = self.ema.module.state_dict()
                 self.ckpt.save_named("best.pt", best)
@@ -1010,7 +1032,8 @@ def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     norms = torch._foreach_norm(grads, 2.0)
-    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), 2.0)
+    # FSDP: the norms of sharded gradients are DTensors; full_value reduces them over the shards (collective)
+    return fsdp.full_value(torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), 2.0))
 
 
 def _component_grad_norms(model: torch.nn.Module) -> dict[str, torch.Tensor]:
