@@ -66,7 +66,8 @@ class Trainer:
     """Builds everything a config names and trains it.
 
     What callbacks (and the Python API's users) may read or call:
-      model           the bare nn.Module (no DDP / compile wrapper)
+      model           the bare nn.Module (no DDP / compile wrapper; under trainer.strategy=fsdp its parameters
+                      are shards, and model_state() gives the full weights)
       state           TrainState: step, epoch, stage, best metric, evaluation history
       stage           the current curriculum Stage
       data            the current data module
