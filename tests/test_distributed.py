@@ -391,6 +391,39 @@ def test_a_lost_node_ends_the_other_and_both_restarted_resume_exactly(runs):
           f"{resume_step}, bitwise equal to one node of two processes ({n} tensors)")
 
 
+@pytest.mark.slow  # ~35 s: two nodes start, train, then one hangs for trainer.dist_timeout_s
+def test_a_hung_node_ends_the_others_worker_after_dist_timeout_s(tmp_path):
+    """Node 1's agent and worker SIGSTOPped mid-run (a hung machine: its connections stay open, so nothing
+    fails at once): node 0's worker gives up after trainer.dist_timeout_s (torch's default would wait 30 min
+    with gloo) and exits with an error, keeping the checkpoints written before. Its torchrun agent may then
+    wait on the rendezvous store when the hung node's agent hosts it (seen: still running 70 s later), so
+    the test only bounds the worker and ends the agent itself."""
+    timeout_s = 10
+    port = _free_port()
+    args = [*EXACT, "trainer.max_steps=100000", f"trainer.dist_timeout_s={timeout_s}", *paths(tmp_path, tmp_path / "ds")]
+    nodes = [_start(*_two_nodes(port, "hung"), "pretrain.py", *args) for _ in (0, 1)]
+    stopped: list[int] = []
+    try:
+        wait_for(lambda: step_files(tmp_path / "default"), timeout=180, what="a checkpoint", proc=nodes[0])
+        (worker,) = _children(nodes[0].pid)
+        stopped = [*_children(nodes[1].pid), nodes[1].pid]
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        wait_for(lambda: not _alive(worker), timeout=timeout_s + 60, what="node 0's worker to give up")
+        waited = time.monotonic() - t0
+        output = output_so_far(nodes[0])
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGKILL)
+        for proc in nodes:
+            _kill_all(proc, _children(proc.pid))
+    assert f"Timed out waiting {timeout_s * 1000}ms" in output, output[-4000:]
+    assert timeout_s <= waited < timeout_s + 60, waited
+    assert load(tmp_path / "default" / "latest.pt")["train_state"]["step"] > 0
+    print(f"hung node: the other's worker ended {waited:.1f} s after the hang (trainer.dist_timeout_s={timeout_s})")
+
+
 # ------------------------------------------------------------------------------------------ rank 0 writes
 @pytest.mark.parametrize("name", ["two", "ref"])
 def test_only_rank_zero_writes_and_every_rank_uses_one_run_dir(runs, name):

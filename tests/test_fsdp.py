@@ -35,8 +35,10 @@ from tests.test_distributed import ATOL, RTOL, TINY, TORCHRUN, Run, _alive, _chi
 
 # Dropout (per-rank RNG streams), batch 32 = 2 x 16: 7 steps per epoch, 42 steps = 6 epochs; checkpoints every
 # 5 steps and at the evaluations (10). No grad filter and no EMA: FSDP does not support them yet.
+# Evaluation batches of 9: the ranks' validation shards (127 and 126 examples) take 15 and 14 batches, which
+# FSDP (every forward gathers from all ranks) must even out.
 PLAIN = [*TINY, "model.dropout=0.1", "grad_filter=none", "trainer.global_batch_size=32", "trainer.max_steps=42",
-         "trainer.checkpoint.interval=5", "trainer.eval_interval=10"]
+         "trainer.checkpoint.interval=5", "trainer.eval_interval=10", "trainer.eval_batch_size=9"]
 FSDP = [*PLAIN, "trainer.strategy=fsdp"]
 FINAL_STEP = 42
 KILL_AT = 12  # SIGKILL the agent's process group once a checkpoint at or after this step exists

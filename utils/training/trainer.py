@@ -702,10 +702,12 @@ class Trainer:
             ev.reset()
         sums: dict[str, torch.Tensor] = {}
         count = torch.zeros((), dtype=torch.float64, device=self.device)
+        last_batch = None
+        extra_forwards = self._missing_eval_forwards() if self.sharded else 0  # before any forward: collective
         for i, batch in enumerate(self.val_loader):
             if self.tcfg.eval_max_batches is not None and i >= self.tcfg.eval_max_batches:
                 break
-            batch = _to_device(batch, self.device)
+            batch = last_batch = _to_device(batch, self.device)
             with self._autocast():
                 outputs = model(batch, carry=None)
                 outputs.pop("carry", None)
@@ -718,6 +720,9 @@ class Trainer:
             count += n
             for ev in self.evaluators.values():
                 ev.update(outputs, batch)
+        for _ in range(extra_forwards):  # unscored: only so that every rank's all-gathers are matched
+            with self._autocast():
+                model(last_batch, carry=None)
         model.train(was_training)
         if dist.is_initialized():
             keys = sorted(sums)
@@ -729,6 +734,22 @@ class Trainer:
             ev.sync()
             metrics.update({f"val/{k}": float(v) for k, v in ev.compute().items()})
         return metrics
+
+    def _eval_batches(self) -> int:
+        limit = self.tcfg.eval_max_batches
+        return len(self.val_loader) if limit is None else min(len(self.val_loader), int(limit))
+
+    def _missing_eval_forwards(self) -> int:
+        """FSDP: every forward gathers weights from all ranks, so a rank whose validation shard has fewer batches
+        (shards differ by up to one example) runs its last batch again, unscored, until all have run as many.
+        Collective: called by every rank before its first forward."""
+        mine = self._eval_batches()
+        packed = torch.tensor([mine], dtype=torch.long, device=self.device)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        if mine == 0:
+            raise ConfigError(f"The validation set is smaller than the {self.dist.world_size} processes, so a rank "
+                              "has nothing to evaluate; use fewer processes or trainer.strategy=ddp.")
+        return int(packed.item()) - mine
 
     def _after_eval(self, metrics: dict[str, float]) -> None:
         """Plateau schedules, best checkpoint, early stopping."""
