@@ -4,7 +4,11 @@
     python -m bench.grokfast --variants baseline --seeds 1 --max-steps 60000   # the long baseline run
     python -m bench.grokfast --variants ema --seeds 3 --parallel 2
 
-Each run is a real `python pretrain.py experiment=grokking ...` (modular division, p=97, a 50% split drawn
+Each variant and seed runs twice, interleaved: through the launcher, and through bench/grokfast_plain.py,
+the same experiment written as one plain PyTorch script without any launcher code (`--loops` picks). A
+gap between the two is the launcher's; a gap that both show is not.
+
+Each launcher run is a real `python pretrain.py experiment=grokking ...` (modular division, p=97, a 50% split drawn
 from the seed as the reference script draws it,
 2-layer width-128 transformer with the reference implementation's block, initialisation and batching,
 batch 512, Adam lr 1e-3 betas (0.9, 0.98)), evaluated every --eval-interval steps and stopped at the first
@@ -50,6 +54,12 @@ def steps_to_target(run_dir: Path, target: float) -> int | None:
     return None
 
 
+def plain_command(name: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """The same run through bench/grokfast_plain.py: no launcher code at all."""
+    return [sys.executable, "-m", "bench.grokfast_plain", f"--variant={name}", f"--seed={seed}",
+            f"--max-steps={args.max_steps}", f"--eval-interval={args.eval_interval}", f"--target={args.target}"]
+
+
 def command(name: str, seed: int, args: argparse.Namespace, root: Path) -> list[str]:
     return [
         sys.executable, str(ROOT / "pretrain.py"),
@@ -63,27 +73,36 @@ def command(name: str, seed: int, args: argparse.Namespace, root: Path) -> list[
     ]
 
 
-def run_all(jobs: list[tuple[str, int]], args: argparse.Namespace, root: Path) -> dict[tuple[str, int], tuple[int | None, float]]:
-    """Every (variant, seed) run, `args.parallel` at a time, one torch thread each."""
+Job = tuple[str, str, int]  # (loop, variant, seed); loop: "launcher" or "plain"
+
+
+def run_all(jobs: list[Job], args: argparse.Namespace, root: Path) -> dict[Job, tuple[int | None, float]]:
+    """Every (loop, variant, seed) run, `args.parallel` at a time, one torch thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     pending, running, results = list(jobs), {}, {}
     while pending or running:
         while pending and len(running) < args.parallel:
             job = pending.pop(0)
-            log = open(root / f"{job[0]}_seed{job[1]}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed below
-            running[job] = (subprocess.Popen(command(*job, args, root), cwd=ROOT, env=env, stdout=log,
-                                             stderr=subprocess.STDOUT), log, time.perf_counter())
+            loop, name, seed = job
+            cmd = command(name, seed, args, root) if loop == "launcher" else plain_command(name, seed, args)
+            log = open(root / f"{loop}_{name}_seed{seed}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed below
+            running[job] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+                            log, time.perf_counter())
         for job, (proc, log, started) in list(running.items()):
             if proc.poll() is None:
                 continue
             log.close()
             del running[job]
+            loop, name, seed = job
             if proc.returncode != 0:
-                raise SystemExit(f"{job[0]} seed {job[1]} failed (exit {proc.returncode}); see {log.name}")
-            steps = steps_to_target(root / f"bench_{job[0]}_seed{job[1]}", args.target)
+                raise SystemExit(f"{loop} {name} seed {seed} failed (exit {proc.returncode}); see {log.name}")
+            if loop == "launcher":
+                steps = steps_to_target(root / f"bench_{name}_seed{seed}", args.target)
+            else:
+                steps = json.loads(Path(log.name).read_text(encoding="utf-8").strip().splitlines()[-1])["steps"]
             results[job] = (steps, time.perf_counter() - started)
             shown = steps if steps is not None else f"> {args.max_steps}"
-            print(f"  {job[0]:8s} seed {job[1]}: {shown} steps ({results[job][1]:.0f} s wall)", flush=True)
+            print(f"  {loop:8s} {name:8s} seed {seed}: {shown} steps ({results[job][1]:.0f} s wall)", flush=True)
         time.sleep(1.0)
     return results
 
@@ -91,6 +110,8 @@ def run_all(jobs: list[tuple[str, int]], args: argparse.Namespace, root: Path) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["ema", "ma"], choices=list(VARIANTS))
+    parser.add_argument("--loops", nargs="+", default=["launcher", "plain"], choices=["launcher", "plain"],
+                        help="launcher: pretrain.py; plain: bench/grokfast_plain.py, the same run without the launcher")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=6000)
@@ -107,27 +128,36 @@ def main() -> None:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     split = "one split (data.split_seed=0)" if args.fixed_split else "a split per seed"
     print(f"modular division p=97, eval every {args.eval_interval} steps, seeds {seeds}, {split}, runs in {root}", flush=True)
-    results = run_all([(v, s) for v in args.variants for s in seeds], args, root)
+    # Interleaved, so that the two loops see the same load on the machine.
+    results = run_all([(loop, v, s) for v in args.variants for s in seeds for loop in args.loops], args, root)
 
     print(f"\niterations to {args.target:.0%} validation accuracy (first evaluation at or above it)")
-    print(f"{'variant':9s} {'seeds':>30s} {'median':>8s} {'range':>13s} {'paper':>7s}  reference script (same machine)")
-    medians: dict[str, float] = {}
+    print(f"{'loop':9s} {'variant':9s} {'seeds':>32s} {'median':>8s} {'range':>11s} {'paper':>6s}")
+    medians: dict[tuple[str, str], float] = {}
+    for loop in args.loops:
+        for name in args.variants:
+            counts = [results[(loop, name, s)][0] for s in seeds]
+            reached = [c for c in counts if c is not None]
+            shown = ", ".join(str(c) if c is not None else f">{args.max_steps}" for c in counts)
+            if len(reached) == len(counts):
+                medians[(loop, name)] = statistics.median(reached)
+                median, spread = f"{medians[(loop, name)]:.0f}", f"{min(reached)}-{max(reached)}"
+            else:
+                median = f">{args.max_steps}" if len(reached) <= len(counts) // 2 else f"{statistics.median(reached):.0f}*"
+                spread = "-"
+            print(f"{loop:9s} {name:9s} {shown:>32s} {median:>8s} {spread:>11s} {PAPER[name]:>6d}")
     for name in args.variants:
-        counts = [results[(name, s)][0] for s in seeds]
-        reached = [c for c in counts if c is not None]
-        shown = ", ".join(str(c) if c is not None else f">{args.max_steps}" for c in counts)
-        if len(reached) == len(counts):
-            medians[name] = statistics.median(reached)
-            median, spread = f"{medians[name]:.0f}", f"{min(reached)}-{max(reached)}"
-        else:
-            median, spread = f">{args.max_steps}" if len(reached) <= len(counts) // 2 else f"{statistics.median(reached):.0f}*", "-"
-        ref = REFERENCE_SCRIPT.get(name)
-        print(f"{name:9s} {shown:>30s} {median:>8s} {spread:>13s} {PAPER[name]:>7d}  {ref if ref else ''}")
-    if "baseline" in medians:
-        for name in ("ema", "ma"):
-            if name in medians:
-                print(f"speed-up {name} (ratio of medians): x{medians['baseline'] / medians[name]:.1f}"
-                      f"  (paper x{PAPER['baseline'] / PAPER[name]:.1f})")
+        if ("launcher", name) in medians and ("plain", name) in medians:
+            print(f"{name}: launcher / plain script, ratio of medians: "
+                  f"{medians[('launcher', name)] / medians[('plain', name)]:.2f}")
+    for loop in args.loops:
+        if (loop, "baseline") in medians:
+            for name in ("ema", "ma"):
+                if (loop, name) in medians:
+                    print(f"{loop} speed-up {name} (ratio of medians): "
+                          f"x{medians[(loop, 'baseline')] / medians[(loop, name)]:.1f}"
+                          f"  (paper x{PAPER['baseline'] / PAPER[name]:.1f})")
+    print(f"reference script, measured on this machine before (EMA seeds 0-4, MA seeds 0-1): {REFERENCE_SCRIPT}")
 
 
 if __name__ == "__main__":

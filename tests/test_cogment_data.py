@@ -166,22 +166,37 @@ def test_passkey_and_recall_answers_are_in_their_context() -> None:
         assert [pairs[k] for k in asked] == [VOCAB.name(int(t)) for t in ex.labels if t != IGNORE_LABEL]
 
 
-def test_passkey_memory_asks_held_out_documents_only_in_validation() -> None:
+def test_passkey_memory_validation_documents_never_appear_in_training_and_come_as_study_documents(
+        tmp_path: Path) -> None:
     src = source("passkey_memory", docs=10, digits=3, heldout=0.5)
     rng = np.random.default_rng(0)
-    train = [src.sample("train", rng) for _ in range(200)]
-    val = [src.sample("val", rng) for _ in range(50)]
+    train = [src.sample("train", rng) for _ in range(300)]
+    val = [src.sample("val", rng) for _ in range(40)]
     doc_of = lambda ex: re.search(r"doc (\d \d \d) \?", text_of(ex)).group(1)  # noqa: E731
-    queried = {doc_of(ex) for ex in train if "<sep>" not in text_of(ex)}
-    in_context = {doc_of(ex) for ex in train if "<sep>" in text_of(ex)}
-    asked_in_val = {doc_of(ex) for ex in val}
-    assert not queried & asked_in_val  # validation asks only documents never asked in training...
-    assert asked_in_val <= in_context  # ...whose passkeys training showed in context
-    assert all("<sep>" not in text_of(ex) for ex in val)  # and the question comes without its context
+    heldout = {" ".join(f"{src.doc_ids[d]:03d}") for d in range(src.queried, src.docs)}
+    assert len(heldout) == 5 and all(ex.study is None for ex in train)
+    for ex in train:  # no held-out document id, in a question or in a context, ever reaches training
+        assert doc_of(ex) not in heldout and not any(f"doc {d} " in text_of(ex) for d in heldout)
+    assert {doc_of(ex) for ex in val} == heldout  # validation asks the held-out documents...
+    for ex in val:
+        assert "<sep>" not in text_of(ex)  # ...without their document...
+        study = ex.study  # ...which comes along for the memory to write: the same question, answer in context
+        assert doc_of(study) == doc_of(ex) and answer_of(study) == answer_of(ex)
+        assert " ".join(answer_of(ex)) in text_of(study).split(" <sep> ")[0]
     # The cue (the question) sits at the same offset before the answer slots with or without context.
-    for ex in train[:20] + val[:5]:
+    for ex in train[:20] + val[:5] + [v.study for v in val[:5]]:
         first_answer = int(np.argmax(ex.inputs == ANSWER))
         assert ex.cue[first_answer - 1] and int(ex.cue.sum()) == 12  # "what is the pass key of doc d d d ?" <query>
+    # Stored as study_* columns of the validation split only; the other tasks' rows have empty ones.
+    data = CogmentData(data_root=str(tmp_path), tasks=["passkey_memory", "listops"], seq_len=64, num_train=16,
+                       num_val=8, hash_buckets=64, task_options={"passkey_memory": {"docs": 8}})
+    data.prepare_data()
+    data.setup()
+    val_rows = data.val_dataset.__getitems__(list(range(8)))
+    memory_rows = val_rows["task_type"] == TASK_NAMES.index("passkey_memory")
+    assert (val_rows["study_labels"][memory_rows] != IGNORE_LABEL).sum(1).tolist() == [4 + 1] * int(memory_rows.sum())
+    assert (val_rows["study_inputs"][~memory_rows] == PAD).all() and not val_rows["study_cue"][~memory_rows].any()
+    assert not any(k.startswith("study_") for k in data.train_dataset.__getitems__([0]))
 
 
 # ------------------------------------------------------------------------------------------ real files

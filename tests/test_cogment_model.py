@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 
 from dataset.cogment.data_module import SOURCES, CogmentData
 from dataset.cogment.evaluator import StageEvaluator
-from dataset.cogment.examples import pad_rows
+from dataset.cogment.examples import pad_rows, pad_study
 from dataset.cogment.tasks import Augmentation
 from dataset.cogment.vocabulary import TASK_INDEX, Vocabulary, task_families
 from losses.cogment import ConsistencyTerm, PonderTerm, ResidualImprovementTerm, StepSupervisionTerm, row_cross_entropy
@@ -119,6 +119,31 @@ def test_surprising_answers_are_written_once_recalled_after_and_nothing_changes_
     model.memory_write_rate = 0.0
     model.on_after_optimizer_step(None, batch, again)  # read-only: the hook does nothing
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_an_evaluation_writes_its_study_documents_into_a_copy_and_recalls_them_only_with_writes_on() -> None:
+    torch.manual_seed(0)
+    src = SOURCES["passkey_memory"](VOCAB, 128, {"docs": 8, "digits": 4}, Augmentation(), 0)
+    rng = np.random.default_rng(0)
+    examples = [src.sample("val", rng) for _ in range(16)]
+    rows = [{**pad_rows(e, 128), **pad_study(e, 128)} for e in examples]
+    batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+    batch["task_type"] = torch.full((16,), TASK_INDEX["passkey_memory"])
+    model = Cogment(**TINY).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("memory.episodic")}
+    model.memory_write_rate = 0.0  # writes off: nothing is written, nothing found
+    assert float(model(batch)["metrics"]["memory/recall_rate"]) == 0.0
+    model.memory_write_rate = 0.15
+    on = model(batch)
+    assert float(on["metrics"]["memory/recall_rate"]) == 1.0  # every answer token of every question is found
+    scored = batch["labels"] != -100
+    decoded = (on["memory_values"][scored] @ model.memory.codes.value.t()).argmax(-1)
+    assert torch.equal(decoded, batch["labels"][scored])  # and it is the studied passkey
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # training's memory untouched
+    without = {k: v for k, v in batch.items() if not k.startswith("study_")}
+    assert float(model(without)["metrics"]["memory/recall_rate"]) == 0.0  # nothing was kept from the last batch
+    model.train()
+    assert float(model(batch)["metrics"]["memory/recall_rate"]) == 0.0  # training never studies
 
 
 def test_decay_and_consolidation_forget_weak_slots_and_merge_duplicates() -> None:

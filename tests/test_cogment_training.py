@@ -4,7 +4,8 @@ write, and a run killed with SIGKILL in the middle of a stage and, once resumed,
 stage boundary, ends bitwise identical to the uninterrupted run (weights, four optimizers, schedules, Grokfast state, the memory's slots, the
 evaluator's convergence history, RNG streams).
 
-The curriculum is experiment=cogment_tiny with a few steps per stage, a narrower model and small datasets.
+The curriculum is experiment=cogment_tiny with a few steps per stage, a narrower model and small datasets;
+stage 0 ends on its accuracy threshold (set to 0), stage 3 on its plateau (patience 1), the others on budget.
 Both kills are in one run so the default test set stays near a minute (each launch costs ~7 s of start-up).
 """
 
@@ -20,11 +21,15 @@ import pytest
 from tests.cli_helpers import CPU, assert_tensors_equal, finish, load, paths, run, start, wait_for
 from utils.monitoring.plots import read_records
 
-BUDGETS = [4, 2, 4, 2, 2]
+BUDGETS = [4, 2, 4, 6, 2]
 MICRO = [
     "experiment=cogment_tiny", CPU,
     *[f"curriculum.stages.{i}.max_steps={n}" for i, n in enumerate(BUDGETS)],
     "evaluators.stage.stages.sanity.threshold=0.0",  # stage 0 passes its criterion at its first evaluation
+    # Stage 3 converges at its second evaluation: no change counts as a gain (min_delta 100), patience 1, and
+    # no train/val gap can lengthen the patience (max_gap 1): it ends on its plateau, 2 steps before its budget.
+    "evaluators.stage.stages.math_text.patience=1", "+evaluators.stage.stages.math_text.min_delta=100",
+    "+evaluators.stage.stages.math_text.max_gap=1.0",
     "trainer.max_steps=100", "trainer.eval_interval=2", "trainer.eval_max_batches=1", "trainer.eval_batch_size=8",
     "trainer.log_interval=1", "trainer.checkpoint.interval=1", "schedule.warmup_steps=2",
     "optim.components.halting.schedule.warmup_steps=2",
@@ -54,9 +59,14 @@ def test_the_curriculum_runs_every_stage_and_advances_on_the_evaluator_or_the_bu
     ends = [r for r in records if r.get("event") == "stage_end"]
     assert [e["name"] for e in ends] == ["sanity", "arc_visual", "algorithmic", "math_text", "long_context"]
     assert ends[0]["step"] == 2 and "val/stage_complete >= 1.0" in ends[0]["reason"]  # its criterion, not its budget
-    assert all("budget" in e["reason"] for e in ends[1:])
+    assert ends[3]["step"] == 12 and "val/stage_complete >= 1.0" in ends[3]["reason"]  # its plateau, not its budget
+    assert all("budget" in ends[i]["reason"] for i in (1, 2, 4))
     steps = [e["step"] for e in ends]
-    assert steps == [2, 4, 8, 10, 12]
+    assert steps == [2, 4, 8, 12, 14]
+    at = {r["step"]: r for r in records if r.get("kind") == "val"}
+    assert (at[2]["val/criterion_met"], at[2]["val/plateaued"]) == (1.0, 0.0)  # stage 0: the threshold fired
+    assert (at[10]["val/stage_complete"], at[10]["val/plateaued"]) == (0.0, 0.0)  # stage 3's first evaluation...
+    assert (at[12]["val/criterion_met"], at[12]["val/plateaued"]) == (0.0, 1.0)  # ...its second: the plateau
     stops = [r for r in records if r.get("event") == "stop"]
     assert stops[-1]["reason"].startswith("curriculum finished")
     stage_of = lambda step: sum(step > s for s in steps[:-1])  # noqa: E731

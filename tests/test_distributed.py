@@ -5,6 +5,8 @@
 * A 2-process run killed mid-run resumes exactly: SIGKILL of the torchrun agent's process group (the
   workers, in sessions of their own, get SIGTERM through PR_SET_PDEATHSIG and checkpoint), and SIGKILL of
   every process (resume from the last periodic checkpoint). Both end bitwise equal to an uninterrupted run.
+* Two "nodes" (two torchrun agents, one process each): one node's agent and worker SIGKILLed mid-run (a node
+  lost): the other ends on its own within seconds, and both started again resume bitwise exactly.
 * Only rank 0 writes (one train.log, every metrics line once), all ranks use the same run directory, and
   `python train.py trainer.nproc_per_node=2 debug=fast` starts torchrun itself.
 
@@ -67,10 +69,10 @@ FINAL_STEP = 42
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def _two_nodes(port: int) -> list[str]:
+def _two_nodes(port: int, rdzv_id: str = "two_nodes") -> list[str]:
     """torchrun for one of two "nodes" of one process each on this machine (c10d rendezvous on localhost)."""
     return ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes"]
+            f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={rdzv_id}"]
 
 
 def _free_port() -> int:
@@ -140,6 +142,12 @@ class Run:
 
 # kill run -> (SIGKILL the workers too?, kill once a checkpoint at or after this step exists)
 KILLS = {"kill_agent": (False, 12), "kill_all": (True, 22)}
+# A node lost mid-run: node 1's agent and worker SIGKILLed once a checkpoint at or after this step exists.
+NODE_KILL_AT = 17
+# What the surviving node may take to end on its own. Seen: 2-6 s (its worker's collective fails at once, as
+# the dead rank's sockets close; its agent then fails the rendezvous). trainer.dist_timeout_s bounds the wait
+# for a peer that hangs instead of dying.
+NODE_SURVIVOR_EXIT_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +170,23 @@ def runs(tmp_path_factory):
     port = _free_port()
     for node in (0, 1):  # two torchrun agents that find each other, writing to one (shared) run directory
         started[f"node{node}"] = Run(base / "nodes", data_root, *_two_nodes(port), "pretrain.py", *COMPARE)
+    # two nodes again, one of which is lost mid-run; the short process-group timeout is what would end a
+    # collective waiting on a node that hangs (here the dead node's closed sockets end it sooner)
+    node_kill_args = ("pretrain.py", *EXACT, "trainer.dist_timeout_s=30")
+    kill_port = _free_port()
+    for node in (0, 1):
+        started[f"nodekill{node}"] = Run(base / "nodekill", data_root, *_two_nodes(kill_port, "nodekill"),
+                                         *node_kill_args)
     try:
-        _kill_mid_run({name: started[name] for name in KILLS})
+        _kill_mid_run({name: started[name] for name in KILLS}, started["nodekill0"], started["nodekill1"])
         for name in KILLS:
             started[name].rerun_proc = _start(*started[name].args)
+        # both nodes started again with the same command (a fresh rendezvous port: the old one may linger)
+        rerun_port = _free_port()
+        for node in (0, 1):
+            run = started[f"nodekill{node}"]
+            run.args = [*_two_nodes(rerun_port, "nodekill"), *node_kill_args, *paths(run.root, data_root)]
+            run.rerun_proc = _start(*run.args)
         yield started
     finally:
         for run in started.values():
@@ -174,13 +195,39 @@ def runs(tmp_path_factory):
                 _kill_all(run.rerun_proc, _children(run.rerun_proc.pid))
 
 
-def _kill_mid_run(targets: dict[str, Run]) -> None:
+def _kill_mid_run(targets: dict[str, Run], survivor: Run, victim: Run) -> None:
     """Poll every target; once a checkpoint at its step or later exists, SIGKILL the torchrun agent's process
-    group (and, for `kill_all`, the workers first). Then wait until no worker is left."""
+    group (and, for `kill_all`, the workers first). Then wait until no worker is left.
+
+    Meanwhile the two-node run: once it has a checkpoint at NODE_KILL_AT or later, SIGKILL the victim node's
+    worker and agent (a node lost), then wait (bounded) for the surviving node to end by itself."""
     deadline = time.monotonic() + 180
-    pending = dict(targets)
-    while pending:
+    pending: dict[str, Run | None] = {**targets, "node": None}
+    killed_at = survivor_exit_s = None
+    while pending or survivor_exit_s is None:
+        if killed_at is not None and survivor_exit_s is None and survivor.proc.poll() is not None:
+            survivor_exit_s = time.monotonic() - killed_at
+        if killed_at is not None and not pending and survivor_exit_s is None:
+            if time.monotonic() - killed_at > NODE_SURVIVOR_EXIT_S:
+                raise AssertionError(f"the surviving node still runs {NODE_SURVIVOR_EXIT_S} s after the other was "
+                                     f"killed\n{output_so_far(survivor.proc)[-4000:]}")
+            time.sleep(0.01)
+            continue
+        if "node" in pending:
+            for run in (survivor, victim):
+                if run.proc.poll() is not None:
+                    raise AssertionError(f"a node exited before the kill\n{finish(run.proc)}")
+            if [s for s in step_files(victim.run_dir) if s >= NODE_KILL_AT]:
+                survivor.workers, victim.workers = _children(survivor.proc.pid), _children(victim.proc.pid)
+                for pid in victim.workers:
+                    os.kill(pid, signal.SIGKILL)
+                os.killpg(victim.proc.pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+                victim.killed = (finish(victim.proc), None)
+                del pending["node"]
         for name, run in list(pending.items()):
+            if name == "node":
+                continue
             everything, at_or_after = KILLS[name]
             if run.proc.poll() is not None:
                 raise AssertionError(f"{name}: torchrun exited before the kill\n{finish(run.proc)}")
@@ -202,6 +249,9 @@ def _kill_mid_run(targets: dict[str, Run]) -> None:
         killed = run.killed[0]
         killed.output = output_so_far(run.proc)  # with what the workers printed after their agent died
         run.killed = (killed, load(run.run_dir / "latest.pt"))
+    survivor.killed = (finish(survivor.proc), survivor_exit_s)
+    victim.killed = (victim.killed[0], load(victim.run_dir / "latest.pt"))
+    wait_for(lambda: not any(_alive(p) for p in survivor.workers), timeout=30, what="the surviving node's worker to exit")
 
 
 # ------------------------------------------------------------------------------------------ sampler
@@ -304,6 +354,74 @@ def test_two_process_run_resumes_exactly_after_sigkill(runs, name):
     losses = {r["step"]: r["train/loss"] for r in read_metrics(run.run_dir, "train")}
     assert losses == ref_losses, f"resumed at step {resume_step}"
     print(f"{name}: killed with a checkpoint at step {resume_step}; the rerun ends bitwise equal ({n} tensors)")
+
+
+def test_a_lost_node_ends_the_other_and_both_restarted_resume_exactly(runs):
+    """Two nodes (one process each); node 1's agent and worker SIGKILLed mid-run, as when a machine dies. The
+    surviving node's collective fails as the dead rank's sockets close, and its agent gives up: it ends on its
+    own, with an error, in seconds (no hang, no orphaned worker). The same command on both nodes then resumes
+    from the last checkpoint and ends bitwise equal to an uninterrupted run of one node with two processes
+    (the same 2 ranks, the same gloo reductions)."""
+    survivor, victim = runs["nodekill0"], runs["nodekill1"]
+    killed, state = victim.killed
+    ended, exit_s = survivor.killed
+    assert killed.returncode == -signal.SIGKILL, killed
+    assert len(victim.workers) == len(survivor.workers) == 1, (victim.workers, survivor.workers)
+    assert ended.returncode not in (0, None), ended  # a failed job for the scheduler, not a finished one
+    assert exit_s < NODE_SURVIVOR_EXIT_S, exit_s
+    resume_step = state["train_state"]["step"]
+    assert NODE_KILL_AT - 5 <= resume_step < FINAL_STEP, (resume_step, ended)
+    assert state["world_size"] == 2
+
+    reruns = [runs[f"nodekill{k}"].result() for k in (0, 1)]
+    for rerun in reruns:
+        assert rerun.returncode == 0, rerun
+    output = reruns[0].output + reruns[1].output
+    assert f"at step {resume_step} (epoch" in output and "Resumed from" in output, output[-4000:]
+    ref = runs["ref"].result()
+    assert ref.returncode == 0, ref
+    final_ref, final = load(runs["ref"].run_dir / "latest.pt"), load(victim.run_dir / "latest.pt")
+    assert final["train_state"]["step"] == FINAL_STEP
+    n = assert_tensors_equal({k: v for k, v in final_ref.items() if k != "config"},
+                             {k: v for k, v in final.items() if k != "config"}, "latest.pt")
+    assert train_steps(victim.run_dir) == list(range(1, FINAL_STEP + 1))
+    ref_losses = {r["step"]: r["train/loss"] for r in read_metrics(runs["ref"].run_dir, "train")}
+    assert {r["step"]: r["train/loss"] for r in read_metrics(victim.run_dir, "train")} == ref_losses
+    print(f"lost node: the other ended by itself in {exit_s:.1f} s (exit {ended.returncode}); resumed at step "
+          f"{resume_step}, bitwise equal to one node of two processes ({n} tensors)")
+
+
+@pytest.mark.slow  # ~35 s: two nodes start, train, then one hangs for trainer.dist_timeout_s
+def test_a_hung_node_ends_the_others_worker_after_dist_timeout_s(tmp_path):
+    """Node 1's agent and worker SIGSTOPped mid-run (a hung machine: its connections stay open, so nothing
+    fails at once): node 0's worker gives up after trainer.dist_timeout_s (torch's default would wait 30 min
+    with gloo) and exits with an error, keeping the checkpoints written before. Its torchrun agent may then
+    wait on the rendezvous store when the hung node's agent hosts it (seen: still running 70 s later), so
+    the test only bounds the worker and ends the agent itself."""
+    timeout_s = 10
+    port = _free_port()
+    args = [*EXACT, "trainer.max_steps=100000", f"trainer.dist_timeout_s={timeout_s}", *paths(tmp_path, tmp_path / "ds")]
+    nodes = [_start(*_two_nodes(port, "hung"), "pretrain.py", *args) for _ in (0, 1)]
+    stopped: list[int] = []
+    try:
+        wait_for(lambda: step_files(tmp_path / "default"), timeout=180, what="a checkpoint", proc=nodes[0])
+        (worker,) = _children(nodes[0].pid)
+        stopped = [*_children(nodes[1].pid), nodes[1].pid]
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        wait_for(lambda: not _alive(worker), timeout=timeout_s + 60, what="node 0's worker to give up")
+        waited = time.monotonic() - t0
+        output = output_so_far(nodes[0])
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGKILL)
+        for proc in nodes:
+            _kill_all(proc, _children(proc.pid))
+    assert f"Timed out waiting {timeout_s * 1000}ms" in output, output[-4000:]
+    assert timeout_s <= waited < timeout_s + 60, waited
+    assert load(tmp_path / "default" / "latest.pt")["train_state"]["step"] > 0
+    print(f"hung node: the other's worker ended {waited:.1f} s after the hang (trainer.dist_timeout_s={timeout_s})")
 
 
 # ------------------------------------------------------------------------------------------ rank 0 writes

@@ -223,7 +223,67 @@ def test_sweep_on_slurm_is_requeued_after_preemption_and_resumes_exactly(own_job
               f"best val/acc {j['best']:.6g}")
 
 
-@pytest.mark.parametrize(("preset", "target"), [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+# The job of test_a_two_task_job_trains_as_one_two_process_torchrun_run: two tasks (ranks) of one CPU each.
+TWO_TASKS = [
+    "hydra/launcher=slurm_multinode",
+    "hydra.launcher.nodes=1",  # one machine here; the preset's 2 nodes need a second one
+    "hydra.launcher.tasks_per_node=2",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.timeout_min=15",
+    f"hydra.launcher.name={JOB_NAME}",
+]
+
+
+@pytest.mark.slow  # 51-62 s here (2 shared cores): Python start-ups, the two runs and submitit's queue polling
+def test_a_two_task_job_trains_as_one_two_process_torchrun_run(own_jobs: Cluster, tmp_path: Path):
+    """`hydra/launcher=slurm_multinode` with one node of two tasks: srun starts two ranks, which find each
+    other from the step's variables (no torchrun) and train as `torchrun --nproc_per_node=2` does: the same
+    losses within the tolerance of tests/test_distributed.py, the same validation accuracy (measured: no
+    difference at all, both are the same 2 ranks with gloo)."""
+    import math
+
+    from tests.test_distributed import ATOL, COMPARE, RTOL, TORCHRUN
+
+    cluster = own_jobs
+    root, data_root, ref_root = tmp_path / "ck", tmp_path / "ds", tmp_path / "torchrun"
+    prep = start("train.py", "--dataset-only", *COMPARE, *paths(tmp_path / "prep", data_root))
+    assert finish(prep).returncode == 0
+    sweep = start("pretrain.py", "-m", *TWO_TASKS, *COMPARE, *paths(root, data_root))
+    reference = start(*TORCHRUN, "pretrain.py", *COMPARE, *paths(ref_root, data_root))
+    sweep_dir = root / "default_multirun"
+    try:
+        result = finish(sweep, timeout=240)
+        ref_result = finish(reference, timeout=240)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{_diagnostics(cluster, sweep_dir, sweep)}") from None
+    finally:
+        for proc in (sweep, reference):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert result.returncode == 0, f"{result}\n{_diagnostics(cluster, sweep_dir, sweep)}"
+    assert ref_result.returncode == 0, ref_result
+    (job_dir,) = [p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    (submitit_dir,) = [p for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()]  # the job's, named by its id
+    # one SLURM job of two tasks, each a rank of one process group
+    assert sorted(p.name.split("_log")[0] for p in submitit_dir.glob("*_log.out")) == [
+        f"{submitit_dir.name}_0", f"{submitit_dir.name}_1"]
+    train_log = (job_dir / "train.log").read_text()
+    assert "Training default on cpu x2: steps 0 -> 40, batch 32 per rank" in train_log, train_log[-3000:]
+    assert "[rank1]" not in train_log
+    assert load(job_dir / "latest.pt")["world_size"] == 2
+    for kind, key in (("train", "train/loss"), ("val", "val/loss"), ("val", "val/acc")):
+        a = {r["step"]: r[key] for r in read_metrics(job_dir, kind)}
+        b = {r["step"]: r[key] for r in read_metrics(ref_root / "default", kind)}
+        assert sorted(a) == sorted(b) == (list(range(1, 41)) if kind == "train" else [10, 20, 30, 40]), (a, b)
+        bad = [s for s in a if not math.isclose(a[s], b[s], rel_tol=RTOL, abs_tol=ATOL)]
+        assert not bad, f"{key} differs at steps {bad[:5]}: {[(a[s], b[s]) for s in bad[:5]]}"
+        print(f"[test_slurm] 2 SLURM tasks vs torchrun x2: {key} max |diff| = {max(abs(a[s] - b[s]) for s in a):.2e}")
+
+
+@pytest.mark.parametrize(("preset", "target"), [("slurm", "SlurmLauncher"), ("local", "LocalLauncher"),
+                                                ("slurm_multinode", "SlurmLauncher")])
 def test_launcher_presets_extend_the_plugin_configs(preset, target):
     """conf/hydra/launcher/<preset>.yaml: our values on top of the plugin's submitit_slurm / submitit_local."""
     from hydra import compose, initialize_config_dir
@@ -232,10 +292,18 @@ def test_launcher_presets_extend_the_plugin_configs(preset, target):
         cfg = compose("config", [f"hydra/launcher={preset}", "hydra.launcher.timeout_min=7"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
-    assert launcher.timeout_min == 7 and launcher.tasks_per_node == 1
+    assert launcher.timeout_min == 7
     assert OmegaConf.to_container(launcher)["submitit_folder"] == "${hydra.sweep.dir}/.submitit/%j"  # the plugin's
-    if preset == "slurm":
+    if preset.startswith("slurm"):  # slurm_multinode builds on slurm
         assert launcher.max_num_timeout > 0 and launcher.signal_delay_s == 120 and launcher.partition is None
+    if preset == "slurm_multinode":  # one task (rank) per GPU on each of 2 nodes
+        assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
+        with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", [f"hydra/launcher={preset}", "hydra.launcher.gpus_per_node=8"],
+                          return_hydra_config=True)
+        assert cfg.hydra.launcher.tasks_per_node == 8
+    else:
+        assert launcher.tasks_per_node == 1 and launcher.nodes == 1
 
 
 # ----------------------------------------------------------- in this process, no cluster: the pieces it relies on

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -94,8 +95,14 @@ def _slurm_first_host() -> str:
         return nodelist.split(",")[0]
 
 
-def init_distributed(device_request: str = "auto", backend: str | None = None) -> DistInfo:
-    """Join the process group if the environment describes one; otherwise a single process."""
+def init_distributed(device_request: str = "auto", backend: str | None = None,
+                     timeout_s: float | None = None) -> DistInfo:
+    """Join the process group if the environment describes one; otherwise a single process.
+
+    `timeout_s` bounds how long a collective waits for a rank that stopped answering (a hung or unreachable
+    node); None keeps torch's default (10 min for nccl, 30 min for gloo). A rank whose process died is seen
+    at once either way: its sockets close and the collective fails on the others.
+    """
     exit_with_torchrun_agent()
     world_size = _env_int("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", default=1)
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
@@ -109,7 +116,8 @@ def init_distributed(device_request: str = "auto", backend: str | None = None) -
             os.environ["MASTER_ADDR"] = _slurm_first_host()
             # Spread over 20000 ports by job id so two jobs sharing a node rarely collide.
             os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -8,7 +8,9 @@ model's longest sequence (``max_seq_len``), so the model built from stage 0's fa
 ``tasks`` lists the task types of the mix (dataset/cogment/vocabulary.py), ``task_weights`` optionally weights
 them (equal by default; a list, so a stage's ``tasks`` replaces the base node's instead of merging with
 it); each split holds ``num_train`` / ``num_val`` examples, shared out by weight. A batch is ``inputs``, ``labels``, ``cue``,
-``rotation`` ([B, seq_len]) and ``task_type`` ([B]); see dataset/cogment/examples.py for their meaning.
+``rotation`` ([B, seq_len]) and ``task_type`` ([B]), and in a split where some example has a study document
+(passkey_memory's validation) ``study_inputs``, ``study_labels`` and ``study_cue``; see
+dataset/cogment/examples.py for their meaning.
 
 Real files replace a task's generated stand-in when their path is set: ``arc_dir`` (ARC Prize JSON),
 ``gsm8k_path``, ``hotpotqa_path`` (JSONL), ``listops_path`` (LRA TSV), ``longbench_path`` and
@@ -28,7 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dataset.base import BUILD_HINT, DiskDatasetBuilder, params_digest, require_int
 from dataset.cogment.arc_tasks import ArcTasks
-from dataset.cogment.examples import pad_rows
+from dataset.cogment.examples import STUDY_KEYS, pad_rows, pad_study
 from dataset.cogment.listops import ListOps
 from dataset.cogment.long_context import AssociativeRecall, LongBench, Passkey, PasskeyMemory, Scrolls
 from dataset.cogment.puzzles import LinearMap, Maze, Sudoku
@@ -50,12 +52,13 @@ assert set(SOURCES) == set(TASK_NAMES), "every task type needs a source"
 REAL_FILE_KEYS = {"arc_dir": ("arc", "arc_dir"), "gsm8k_path": ("gsm8k", "path"), "hotpotqa_path": ("hotpotqa", "path"),
                   "listops_path": ("listops", "path"), "longbench_path": ("longbench", "path"),
                   "scrolls_path": ("scrolls", "path")}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: study documents (passkey_memory's held-out validation)
 SPLIT_FILES = {"train": "train.pt", "val": "val.pt"}
 # Stored compactly (token ids and positions fit int16: the vocabulary and max_seq_len are checked), handed
 # out as the launcher's int64 / bool.
 STORED_DTYPES = {"inputs": torch.int16, "labels": torch.int16, "rotation": torch.int16, "cue": torch.bool,
-                 "task_type": torch.int16}
+                 "task_type": torch.int16, "study_inputs": torch.int16, "study_labels": torch.int16,
+                 "study_cue": torch.bool}
 
 
 def split_counts(weights: Mapping[str, float], total: int) -> dict[str, int]:
@@ -111,15 +114,20 @@ class CogmentBuilder(DiskDatasetBuilder):
         summary: dict[str, Any] = {"vocab_size": self.vocab.size, "seq_len": self.seq_len, "splits": {}}
         for split_id, (split, total) in enumerate((("train", self.num_train), ("val", self.num_val))):
             counts = split_counts(self.weights, total)
-            rows: dict[str, list[np.ndarray]] = {k: [] for k in ("inputs", "labels", "cue", "rotation", "task_type")}
+            rows: dict[str, list[np.ndarray]] = {k: [] for k in STORED_DTYPES}
+            studies = False
             for name, count in counts.items():
                 rng = np.random.default_rng([self.seed, split_id, TASK_INDEX[name]])  # one stream per (split, task)
                 source = self.sources[name]
                 for _ in range(count):
-                    padded = pad_rows(source.sample(split, rng), self.seq_len)
-                    for key, value in padded.items():
+                    example = source.sample(split, rng)
+                    studies = studies or example.study is not None
+                    for key, value in {**pad_rows(example, self.seq_len), **pad_study(example, self.seq_len)}.items():
                         rows[key].append(value)
                     rows["task_type"].append(np.array(TASK_INDEX[name]))
+            if not studies:  # no study documents in this split: no columns for them
+                for key in STUDY_KEYS:
+                    rows.pop(key)
             tensors = {k: torch.from_numpy(np.stack(v)).to(STORED_DTYPES[k]) for k, v in rows.items()}
             torch.save(tensors, tmp_dir / SPLIT_FILES[split])
             summary["splits"][split] = counts

@@ -10,6 +10,10 @@ An example is four aligned rows of the stage's sequence length (padded with ``<p
   90 degrees (the identity for tasks that are not grids, and for grids a rotation would make invalid);
   the consistency loss compares the prediction for the rotated input with the rotated prediction.
 
+An example may also carry a ``study`` example: a document the long-term memory writes, during an
+evaluation, before the example is asked without it (passkey retrieval across contexts); it is stored as
+``study_inputs``, ``study_labels`` and ``study_cue`` of the same length and is never scored.
+
 Two shapes cover all tasks:
 
 * **grid blocks**: ``side x side`` canvases flattened row-major, separated by ``<sep>``; a grid smaller than
@@ -37,6 +41,7 @@ class Example:
     labels: np.ndarray  # int64 [n]
     cue: np.ndarray  # bool [n]
     rotation: np.ndarray | None = None  # int64 [n], or None for "no rotation"
+    study: "Example | None" = None  # a document the memory writes before this example is asked (evaluation)
 
     def __post_init__(self) -> None:
         n = len(self.inputs)
@@ -60,6 +65,17 @@ def pad_rows(example: Example, seq_len: int) -> dict[str, np.ndarray]:
     if example.rotation is not None:
         rotation[:n] = example.rotation
     return {"inputs": inputs, "labels": labels, "cue": cue, "rotation": rotation}
+
+
+STUDY_KEYS = ("study_inputs", "study_labels", "study_cue")
+
+
+def pad_study(example: Example, seq_len: int) -> dict[str, np.ndarray]:
+    """The ``study_*`` rows of an example: its study document padded to ``seq_len`` (nothing, all padding and
+    unscored, for an example without one)."""
+    rows = pad_rows(example.study if example.study is not None else Example(*(np.zeros(0, t) for t in (np.int64, np.int64, bool))),
+                    seq_len)
+    return {f"study_{k}": rows[k] for k in ("inputs", "labels", "cue")}
 
 
 # --------------------------------------------------------------------------------------------- grids

@@ -10,9 +10,13 @@ Generated stand-ins fill the whole sequence with filler sentences:
   ``docs`` documents, each with an id and a passkey. A *context* example hides "the pass key of doc 3 1 4
   is 7 1 9 3 ." in filler and asks for it (readable in context); a *query* example asks only "what is the
   pass key of doc 3 1 4 ?" with no context, so the answer can only come from memory. Training has context
-  examples of every document and query examples of the first ``1 - heldout`` of them; validation asks
-  queries of the held-out documents, whose passkeys the model only ever saw inside training contexts.
-  The question is the memory cue, the same words in both kinds of example.
+  and query examples of the first ``1 - heldout`` of the documents only: the held-out documents (their ids
+  and passkeys) never appear in training. A validation example is a query of a held-out document that
+  carries the document's context example as its ``study`` document: the memory writes the document
+  during the evaluation (models/cogment/model.py), then the question is asked without it. The weights
+  cannot know a held-out passkey, so with memory writes off recall is at chance (10^-digits); only what
+  the memory wrote from the validation document can answer. The question is the memory cue, the same
+  words in both kinds of example.
 
 Real files: ``data.longbench_path`` (LongBench JSONL: ``{"input", "context", "answers": [...]}``) and
 ``data.scrolls_path`` (SCROLLS JSONL: ``{"input", "output"}``, the question before the first blank line of
@@ -117,7 +121,7 @@ class PasskeyMemory(TaskSource):
         if not 0.0 < heldout < 1.0 or not 0.0 <= self.query_fraction < 1.0:
             raise ConfigError(f"{self.option_key('heldout')} must be in (0, 1) and {self.option_key('query_fraction')} "
                               f"in [0, 1), got {heldout} and {self.query_fraction}")
-        self.queried = max(1, int(round(self.docs * (1.0 - heldout))))  # documents 0 .. queried-1 are asked in training
+        self.queried = max(1, int(round(self.docs * (1.0 - heldout))))  # documents 0 .. queried-1 train, the rest are held out
         if self.queried >= self.docs:
             raise ConfigError(f"{self.option_key('heldout')}={heldout} holds out no document of {self.docs}")
         rng = np.random.default_rng([self.seed, 4004])
@@ -133,22 +137,27 @@ class PasskeyMemory(TaskSource):
     def question(self, doc: int) -> list[int]:
         return self.vocab.encode_text(f"what is the pass key of doc {self.doc_ids[doc]:03d} ?")
 
+    def context_example(self, doc: int, rng: np.random.Generator) -> Example:
+        fact = self.vocab.encode_text(f"the pass key of doc {self.doc_ids[doc]:03d} is "
+                                      + " ".join(map(str, self.passkeys[doc])) + " .")
+        question = self.question(doc)
+        budget = min(self.seq_len, self.context_length) - len(question) - self.slots - 2
+        return question_answer(self.filler.fill(budget, [fact], rng), question, self.answer(doc), self.slots)
+
+    def query_example(self, doc: int) -> Example:
+        return question_answer([], self.question(doc), self.answer(doc), self.slots)
+
+    def answer(self, doc: int) -> list[int]:
+        return [self.vocab.id(str(d)) for d in self.passkeys[doc]]
+
     def sample(self, split: str, rng: np.random.Generator) -> Example:
-        if split == "val":
+        if split == "val":  # a held-out document, studied, then asked without it
             doc = int(rng.integers(self.queried, self.docs))
-            context: list[int] = []
-        elif rng.random() < self.query_fraction:
-            doc = int(rng.integers(self.queried))
-            context = []
-        else:
-            doc = int(rng.integers(self.docs))
-            fact = self.vocab.encode_text(f"the pass key of doc {self.doc_ids[doc]:03d} is "
-                                          + " ".join(map(str, self.passkeys[doc])) + " .")
-            question = self.question(doc)
-            budget = min(self.seq_len, self.context_length) - len(question) - self.slots - 2
-            context = self.filler.fill(budget, [fact], rng)
-        answer = [self.vocab.id(str(d)) for d in self.passkeys[doc]]
-        return question_answer(context, self.question(doc), answer, self.slots)
+            example = self.query_example(doc)
+            example.study = self.context_example(doc, rng)
+            return example
+        doc = int(rng.integers(self.queried))
+        return self.query_example(doc) if rng.random() < self.query_fraction else self.context_example(doc, rng)
 
 
 class LongDocuments(TextQuestions):

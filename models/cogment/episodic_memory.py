@@ -131,12 +131,14 @@ class EpisodicSlots(nn.Module):
 
     @torch.no_grad()
     def write(self, keys: torch.Tensor, values_read: torch.Tensor, labels: torch.Tensor, value_codes: torch.Tensor,
-              rate: float, ignore_index: int = -100) -> dict[str, float]:
+              rate: float, ignore_index: int = -100, synchronize: bool = True,
+              max_writes: int | None = None) -> dict[str, float]:
         """Surprise-gated write of the scored positions (``labels != ignore_index``) of a training batch.
 
         ``keys`` [B, L, K], ``values_read`` [B, L, Dv] (what the forward read), ``labels`` [B, L]. Returns
         counts for logging. Under torch.distributed every rank writes every rank's candidates, in rank order,
-        so the slots stay identical across ranks.
+        so the slots stay identical across ranks (``synchronize=False``: only its own, into a local copy).
+        ``max_writes``: the most positions written (default ``max_writes_per_step``).
         """
         scored = (labels != ignore_index) & (keys.abs().sum(-1) > 0)
         cand_keys, cand_read, cand_labels = keys[scored].float(), values_read[scored].float(), labels[scored]
@@ -144,9 +146,10 @@ class EpisodicSlots(nn.Module):
         gate = torch.sigmoid(self.gate_sharpness * (surprise - self.surprise_threshold))
         chosen = gate >= 0.5
         cand_keys, cand_labels, gate, surprise = cand_keys[chosen], cand_labels[chosen], gate[chosen], surprise[chosen]
-        order = surprise.argsort(descending=True)[: self.max_writes_per_step]
+        limit = self.max_writes_per_step if max_writes is None else max_writes
+        order = surprise.argsort(descending=True)[:limit]
         cand_keys, cand_labels, gate = cand_keys[order], cand_labels[order], gate[order]
-        if dist.is_available() and dist.is_initialized():
+        if synchronize and dist.is_available() and dist.is_initialized():
             cand_keys, cand_labels, gate = _gather_from_all_ranks(cand_keys, cand_labels, gate)
         stats = {"candidates": float(scored.sum()), "written": float(len(cand_labels))}
         if len(cand_labels):

@@ -8,7 +8,9 @@
   training when the memory was surprised by an answer, addressed by the example's cue, read once per
   forward and added to the input of every refinement step through ``read_out``. Writes, decay and
   consolidation run outside backprop, from the model's ``on_after_optimizer_step`` callback, at the
-  stage's memory-write rate (0: read-only).
+  stage's memory-write rate (0: read-only). During an evaluation, study documents (held-out documents the
+  model is asked about without them) are written into a copy of the slots, never into the slots
+  themselves (models/cogment/model.py).
 """
 
 from __future__ import annotations
@@ -31,13 +33,18 @@ class GatedLTM(nn.Module):
         nn.init.zeros_(self.read_out.weight)  # an empty memory adds nothing, and a new one starts neutral
 
     @torch.no_grad()
-    def recall(self, inputs: torch.Tensor, cue: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys [B, L, K], values read [B, L, Dv], attention on "nothing stored" [B, L]) of a batch."""
+    def recall(self, inputs: torch.Tensor, cue: torch.Tensor | None, slots: EpisodicSlots | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys [B, L, K], values read [B, L, Dv], attention on "nothing stored" [B, L]) of a batch, read
+        from ``slots`` (default: the episodic memory)."""
         if cue is None:
             cue = torch.zeros_like(inputs, dtype=torch.bool)
         keys = self.codes.keys(inputs, cue)
-        values, null = self.episodic.read(keys)
+        values, null = (slots or self.episodic).read(keys)
         return keys, values, null
 
-    def write(self, keys: torch.Tensor, values_read: torch.Tensor, labels: torch.Tensor, rate: float) -> dict[str, float]:
-        return self.episodic.write(keys, values_read, labels, self.codes.value, rate)
+    def write(self, keys: torch.Tensor, values_read: torch.Tensor, labels: torch.Tensor, rate: float,
+              slots: EpisodicSlots | None = None, synchronize: bool = True, max_writes: int | None = None
+              ) -> dict[str, float]:
+        return (slots or self.episodic).write(keys, values_read, labels, self.codes.value, rate, synchronize=synchronize,
+                                              max_writes=max_writes)

@@ -14,7 +14,8 @@ One forward::
     ponder cost N + R.
 
 Batch: ``inputs``, ``labels`` (-100 = not scored), ``cue`` (Bool) and ``rotation`` [B, L], ``task_type``
-[B] (dataset/cogment/data_module.py). Outputs: ``logits`` [B, L, V] (the ACT mixture), ``step_logits``
+[B], in a validation split with study documents also ``study_inputs``, ``study_labels`` and ``study_cue``
+[B, L] (dataset/cogment/data_module.py). Outputs: ``logits`` [B, L, V] (the ACT mixture), ``step_logits``
 (a list of [B, L, V], one per step), ``act_weights`` [B, T], ``halt_probs`` [B, T], ``ponder_steps`` (N)
 and ``ponder_cost`` (N + R) [B], ``labels``, the memory's ``memory_keys`` / ``memory_values`` (for its
 writes), with the runtime knob ``consistency`` in training also ``consistency_logits`` (the prediction for
@@ -24,10 +25,19 @@ The model is a ``Callback``: after every optimizer step taken in a stage whose `
 above 0, it writes the surprising answers of the batch into the episodic memory, decays it, and
 consolidates it every ``consolidation_interval`` steps (outside backprop; all in buffers, so checkpoints
 hold it). At fit start it logs its parameter budget per component (models/cogment/budget.py).
+
+In an evaluation with ``memory_write_rate`` above 0, a batch that carries study documents (``study_inputs``,
+``study_labels``, ``study_cue``: passkey_memory's held-out documents) is answered from a copy of the
+episodic slots into which those documents were first written, with the same surprise gate as in training;
+the copy is dropped after the batch. Writing needs no forward pass (the keys are codes of the cue, the
+values codes of the answer tokens), so the questions, asked without their documents, can be answered only
+through the memory. Training's memory is never changed by an evaluation (a resumed run stays bitwise
+identical), and with writes off (0) nothing is written, so held-out answers cannot be recalled.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -37,6 +47,7 @@ from torch import nn
 from models.cogment.act import graves_halting
 from models.cogment.budget import budget_lines, component_counts
 from models.cogment.heads import CogmentHeads
+from models.cogment.episodic_memory import EpisodicSlots
 from models.cogment.memory import GatedLTM
 from models.cogment.refinement_core import RefinementCore
 from models.components.act_halting import QHaltHead
@@ -110,16 +121,30 @@ class Cogment(nn.Module, Callback):
         if not 0 < int(self.refinement_steps):
             raise ValueError(f"model.refinement_steps must be >= 1, got {self.refinement_steps}")
         inputs, task_type, labels = batch["inputs"], batch["task_type"], batch["labels"]
-        outputs = self.refine(inputs, task_type, batch.get("cue"))
+        study = not self.training and float(self.memory_write_rate) > 0 and "study_inputs" in batch
+        outputs = self.refine(inputs, task_type, batch.get("cue"), self._study(batch) if study else None)
         outputs["labels"] = labels
         if self.training and self.consistency and "rotation" in batch:
             outputs.update(self._rotated_prediction(batch))
         outputs["metrics"] = self._metrics(outputs, labels)
         return outputs
 
-    def refine(self, inputs: torch.Tensor, task_type: torch.Tensor, cue: torch.Tensor | None) -> dict[str, Any]:
-        """The refinement loop and ACT for one batch (see the module docstring)."""
-        keys, values, null = self.memory.recall(inputs, cue)
+    @torch.no_grad()
+    def _study(self, batch: dict[str, torch.Tensor]) -> EpisodicSlots:
+        """A copy of the episodic slots with the batch's study documents written in (see the module docstring);
+        each rank writes its own batch's documents into its own copy, so nothing is gathered."""
+        slots = copy.deepcopy(self.memory.episodic)
+        keys, values, _ = self.memory.recall(batch["study_inputs"], batch["study_cue"], slots)
+        # Every document of the batch is written (max_writes_per_step bounds a training step's cost, not this).
+        self.memory.write(keys, values, batch["study_labels"], float(self.memory_write_rate), slots, synchronize=False,
+                          max_writes=len(slots.slot_mass))
+        return slots
+
+    def refine(self, inputs: torch.Tensor, task_type: torch.Tensor, cue: torch.Tensor | None,
+               slots: EpisodicSlots | None = None) -> dict[str, Any]:
+        """The refinement loop and ACT for one batch (see the module docstring); the episodic memory is read
+        from ``slots`` (default: the model's own)."""
+        keys, values, null = self.memory.recall(inputs, cue, slots)
         x = self.heads.embed(inputs, task_type)
         x = x + self.memory.read_out(values.to(x.dtype))
         state = self.core.initial_state.to(x.dtype).expand_as(x)

@@ -98,6 +98,12 @@ class TrainerConf:
     cpu_threads: Optional[int] = None
     nproc_per_node: int = 1  # >1: train.py starts torchrun itself
     dist_backend: Optional[str] = None  # default: nccl on GPU, gloo on CPU
+    # ddp: every rank holds the whole model (DistributedDataParallel); fsdp: parameters, gradients and optimizer
+    # state sharded across the ranks (FSDP2 fully_shard, utils/training/fsdp.py), for models that do not fit one GPU
+    strategy: str = "ddp"
+    # How long a collective waits for a rank that stopped answering (a hung or unreachable node) before the
+    # others fail; null: torch's default (10 min nccl, 30 min gloo). A dead process is noticed at once anyway.
+    dist_timeout_s: Optional[float] = None
     deterministic: bool = False  # torch.use_deterministic_algorithms
 
 

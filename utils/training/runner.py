@@ -91,7 +91,7 @@ def fit(cfg: DictConfig, model: torch.nn.Module | None = None) -> FitResult:
     run_dir = resolve_run_dir(cfg).resolve()
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
-    dist_info = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
+    dist_info = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend, cfg.trainer.dist_timeout_s)
     lock = None
     try:
         lock = lock_run_dir(run_dir) if dist_info.is_main else None

@@ -42,7 +42,7 @@ from utils.optim.schedules import scale_learning_rate, steps_per_call
 from utils.rng import capture_rng_state, restore_rng_state, seed_everything
 from utils.signals import GracefulShutdown
 from utils.storage.checkpoint import CheckpointError, CheckpointManager, assert_finite_state
-from utils.training import config_changes
+from utils.training import config_changes, fsdp
 from utils.training.callbacks import Callback, CallbackList
 from utils.training.curriculum import Curriculum, Stage, stage_data_config
 from utils.training.data_loading import ResumableDistributedSampler, ShardSampler, make_loader
@@ -66,7 +66,8 @@ class Trainer:
     """Builds everything a config names and trains it.
 
     What callbacks (and the Python API's users) may read or call:
-      model           the bare nn.Module (no DDP / compile wrapper)
+      model           the bare nn.Module (no DDP / compile wrapper; under trainer.strategy=fsdp its parameters
+                      are shards, and model_state() gives the full weights)
       state           TrainState: step, epoch, stage, best metric, evaluation history
       stage           the current curriculum Stage
       data            the current data module
@@ -183,9 +184,15 @@ class Trainer:
         forward_model: torch.nn.Module = self.model
         # A local learner is not wrapped: DDP's hooks fire in backward, which it has none of; its updates are
         # averaged across ranks by _average_local_updates instead.
+        # With trainer.strategy=fsdp the model itself becomes the sharded one (fully_shard works in place).
+        self.sharded = False
         if self.dist.distributed and not self.learns_locally and any(p.requires_grad for p in self.model.parameters()):
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
+            if self.tcfg.strategy == "fsdp":
+                fsdp.shard_model(self.model, self.device)
+                self.sharded = True
+            else:
+                device_ids = [self.device.index] if self.device.type == "cuda" else None
+                forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
         if self.tcfg.compile:
             forward_model = torch.compile(forward_model)  # type: ignore[assignment]
         self.forward_model = forward_model
@@ -384,10 +391,21 @@ class Trainer:
         self.writer.log({"event": "stage", "stage": self.stage.index, "name": self.stage.name}, s.step, kind="event")
 
     # ------------------------------------------------------------------ checkpoints
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The model's full weights: under FSDP a collective that gathers them to rank 0 (others get {})."""
+        return fsdp.full_model_state(self.model) if self.sharded else self.model.state_dict()
+
+    def _optimizer_states(self) -> dict[str, Any]:
+        if self.sharded:  # collective; the same layout as a DDP run's (rank 0; {} elsewhere)
+            return {n.name: fsdp.full_optimizer_state(self.model, n.optimizer) for n in self.optimizers}
+        return {n.name: n.optimizer.state_dict() for n in self.optimizers}
+
     def checkpoint_state(self, check_finite: bool = True) -> dict[str, Any]:
-        """Everything a resume needs (references to the live tensors, not copies). `check_finite=False` leaves
-        the NaN/Inf check of the weights to the checkpoint writer (async saves check their copy)."""
-        model_state = self.model.state_dict()
+        """Collective (RNG gather; under FSDP the weights and optimizer states too); complete on rank 0.
+
+        References to the live tensors, not copies. `check_finite=False` leaves the NaN/Inf check of the
+        weights to the checkpoint writer (async saves check their copy)."""
+        model_state = self.model_state()
         if check_finite:
             assert_finite_state(model_state, "model weights")
         # Every rank's RNG stream and carried state (each rank carries its own rows), so each resumes its own.
@@ -401,7 +419,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "model_class": f"{type(self.model).__module__}.{type(self.model).__name__}",
             "model": model_state,
-            "optimizers": {n.name: n.optimizer.state_dict() for n in self.optimizers},
+            "optimizers": self._optimizer_states(),
             "schedulers": {name: sch.state_dict() for name, sch in self.schedulers.items()},
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
@@ -451,9 +469,14 @@ class Trainer:
         self._check_compatible(ckpt, path)
         step = int(ckpt["train_state"]["step"])
         self.last_good_checkpoint = (self.ckpt.step_path(step) if self.ckpt.step_path(step).exists() else path, step)
-        self.model.load_state_dict(ckpt["model"])
-        for named in self.optimizers:
-            named.optimizer.load_state_dict(ckpt["optimizers"][named.name])
+        if self.sharded:  # every rank read the whole file: each keeps its own shard
+            fsdp.load_model_state(self.model, ckpt["model"])
+            for named in self.optimizers:
+                fsdp.load_optimizer_state(self.model, named.optimizer, ckpt["optimizers"][named.name])
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            for named in self.optimizers:
+                named.optimizer.load_state_dict(ckpt["optimizers"][named.name])
         for name, sch in self.schedulers.items():
             sch.load_state_dict(ckpt["schedulers"][name])
         config_changes.apply(ckpt["config"], current, self.optimizers, self.schedulers)
@@ -686,10 +709,12 @@ class Trainer:
             ev.reset()
         sums: dict[str, torch.Tensor] = {}
         count = torch.zeros((), dtype=torch.float64, device=self.device)
+        last_batch = None
+        extra_forwards = self._missing_eval_forwards() if self.sharded else 0  # before any forward: collective
         for i, batch in enumerate(self.val_loader):
             if self.tcfg.eval_max_batches is not None and i >= self.tcfg.eval_max_batches:
                 break
-            batch = _to_device(batch, self.device)
+            batch = last_batch = _to_device(batch, self.device)
             with self._autocast():
                 outputs = model(batch, carry=None)
                 outputs.pop("carry", None)
@@ -702,6 +727,9 @@ class Trainer:
             count += n
             for ev in self.evaluators.values():
                 ev.update(outputs, batch)
+        for _ in range(extra_forwards):  # unscored: only so that every rank's all-gathers are matched
+            with self._autocast():
+                model(last_batch, carry=None)
         model.train(was_training)
         if dist.is_initialized():
             keys = sorted(sums)
@@ -713,6 +741,22 @@ class Trainer:
             ev.sync()
             metrics.update({f"val/{k}": float(v) for k, v in ev.compute().items()})
         return metrics
+
+    def _eval_batches(self) -> int:
+        limit = self.tcfg.eval_max_batches
+        return len(self.val_loader) if limit is None else min(len(self.val_loader), int(limit))
+
+    def _missing_eval_forwards(self) -> int:
+        """FSDP: every forward gathers weights from all ranks, so a rank whose validation shard has fewer batches
+        (shards differ by up to one example) runs its last batch again, unscored, until all have run as many.
+        Collective: called by every rank before its first forward."""
+        mine = self._eval_batches()
+        packed = torch.tensor([mine], dtype=torch.long, device=self.device)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        if mine == 0:
+            raise ConfigError(f"The validation set is smaller than the {self.dist.world_size} processes, so a rank "
+                              "has nothing to evaluate; use fewer processes or trainer.strategy=ddp.")
+        return int(packed.item()) - mine
 
     def _after_eval(self, metrics: dict[str, float]) -> None:
         """Plateau schedules, best checkpoint, early stopping."""
@@ -731,8 +775,9 @@ class Trainer:
         improved = is_improvement(value, s.best_metric, self.tcfg.monitor_mode, es.min_delta)
         if improved and not s.consecutive_nonfinite:
             s.best_metric, s.best_step, s.evals_without_improvement = value, s.step, 0
+            weights = self.model_state() if self.tcfg.checkpoint.save_best else {}  # every rank (FSDP gathers)
             if self.tcfg.checkpoint.save_best and self.dist.is_main:
-                best = {"model": self.model.state_dict(), "step": s.step, "metric": value, "monitor": monitor}
+                best = {"model": weights, "step": s.step, "metric": value, "monitor": monitor}
                 if self.ema is not None:
                     best["ema"] = self.ema.module.state_dict()
                 self.ckpt.save_named("best.pt", best)
@@ -1028,7 +1073,8 @@ def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     norms = torch._foreach_norm(grads, 2.0)
-    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), 2.0)
+    # FSDP: the norms of sharded gradients are DTensors; full_value reduces them over the shards (collective)
+    return fsdp.full_value(torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), 2.0))
 
 
 def _component_grad_norms(model: torch.nn.Module) -> dict[str, torch.Tensor]:
