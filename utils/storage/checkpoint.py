@@ -359,7 +359,11 @@ class CheckpointManager:
         previous = self._in_flight.get(kind)
         start = time.perf_counter()
         if previous is not None:
-            previous.result()  # its buffers are about to be reused; its error is raised here
+            try:
+                previous.result()  # its buffers are about to be reused; its error is raised here, once
+            except Exception:
+                del self._in_flight[kind]
+                raise
         self.last_wait_s = time.perf_counter() - start
         snapshot = self._snapshotters.setdefault(kind, Snapshotter()).copy(state)
         if self._executor is None:
