@@ -145,6 +145,9 @@ def compose_config(tmp: Path, device: str, max_steps: int, extra: list[str]) -> 
         "++run_name=bench_overhead",
         *extra,
     ]
+    from utils.config.store import register_configs
+
+    register_configs()  # the schema and the `paths` group live in Hydra's ConfigStore, not in conf/
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="bench_overhead"):
         return compose(config_name="config", overrides=overrides)
 
