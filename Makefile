@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: train test test-all bench-overhead bench-grokfast bench-trm-sudoku bench-rgm bench-lpl bench-cogment bench-startup bench-checkpoint clean-venv
+.PHONY: train test test-all bench-overhead bench-grokfast bench-trm-sudoku bench-rgm bench-lpl bench-cogment bench-startup bench-checkpoint bench-peers clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ bench-cogment: $(VENV)/.installed
 
 bench-checkpoint: $(VENV)/.installed
 	$(BIN)/python -m bench.checkpoint_stall $(ARGS)
+
+# Lightning is installed for this benchmark only (requirements-bench.txt), never for users.
+$(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
+	$(BIN)/python -m pip install -r requirements-bench.txt
+	touch $@
+
+bench-peers: $(VENV)/.bench-installed
+	$(BIN)/python -m bench.peers $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -46,7 +46,7 @@ Hand side: what a user writes in nanoGPT style: the model class and kwargs of th
 step with the same linear warm-up as `schedule=constant`; `F.cross_entropy`; `clip_grad_norm_`;
 `zero_grad(set_to_none=True)`; `loss.item()` printed (to a file) every `log_interval` steps. Data with
 `--hand-data loader` (default): `torch.utils.data.DataLoader(train_dataset, batch_size, shuffle=True,
-drop_last=True, collate_fn=data.collate_fn)` over the launcher's own dataset object, i.e. the same data
+drop_last=trainer.drop_last, collate_fn=data.collate_fn)` over the launcher's own dataset object, i.e. the same data
 path as the launcher (the dataset's batched `__getitems__`, the same collate, no workers, no pinning on
 CPU) with torch's RandomSampler instead of the launcher's resumable DistributedSampler. `--hand-data
 slice` instead slices a per-epoch `torch.randperm` of the same tensors (nanoGPT's `get_batch` pattern,
@@ -145,6 +145,9 @@ def compose_config(tmp: Path, device: str, max_steps: int, extra: list[str]) -> 
         "++run_name=bench_overhead",
         *extra,
     ]
+    from utils.config.store import register_configs
+
+    register_configs()  # the schema and the `paths` group live in Hydra's ConfigStore, not in conf/
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="bench_overhead"):
         return compose(config_name="config", overrides=overrides)
 
@@ -186,17 +189,24 @@ def build_launcher(cfg: DictConfig, sink: io.TextIOBase) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- hand loop
+def build_model(cfg: DictConfig, data: Any) -> torch.nn.Module:
+    """The config's model class and arguments, the data's facts filling what it leaves out (the trainer's rule),
+    after `torch.manual_seed(cfg.seed)`: the launcher's initial weights."""
+    model_cls = get_class(cfg.model._target_)
+    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+    facts = {k: v for k, v in data.model_kwargs().items() if k not in model_kwargs}
+    torch.manual_seed(cfg.seed)
+    return model_cls(**facts, **model_kwargs)
+
+
 class HandLoop:
     """A plain PyTorch training loop over the same model, data and hyper-parameters."""
 
-    def __init__(self, cfg: DictConfig, data: Any, device: torch.device, clock: StepClock, sink, mode: str) -> None:
+    def __init__(self, cfg: DictConfig, data: Any, device: torch.device, clock: StepClock, sink, mode: str,
+                 model: torch.nn.Module | None = None) -> None:
         o, t = cfg.optim, cfg.trainer
         self.device, self.clock, self.sink, self.mode = device, clock, sink, mode
-        model_cls = get_class(cfg.model._target_)
-        model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
-        facts = {k: v for k, v in data.model_kwargs().items() if k not in model_kwargs}
-        torch.manual_seed(cfg.seed)
-        self.model = model_cls(**facts, **model_kwargs).to(device)
+        self.model = (model if model is not None else build_model(cfg, data)).to(device)
         self.model.train()
         self.base_lr = float(o.lr)
         self.warmup_steps = int(cfg.schedule.get("warmup_steps", 0) or 0)
@@ -210,7 +220,8 @@ class HandLoop:
         self.step = 0
         if mode == "loader":
             self.loader = DataLoader(
-                data.train_dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, collate_fn=data.collate_fn
+                data.train_dataset, batch_size=self.batch_size, shuffle=True, drop_last=bool(t.drop_last),
+                collate_fn=data.collate_fn,
             )
             self._batches = iter(self.loader)
         else:

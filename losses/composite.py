@@ -67,7 +67,10 @@ class CompositeLoss(nn.Module):
         values = {name: term(outputs, batch) for name, term in self.terms.items()}
         # A zero-weight term is still reported but left out of the total, so a NaN/inf in a
         # switched-off term can't poison the loss.
-        weighted = [term.weight * values[name] for name, term in self.terms.items() if term.weight != 0.0]
+        # A weight of 1 is not multiplied in: x * 1.0 == x bitwise (and so is its gradient), and on a small
+        # model the extra autograd op is a measurable share of the step (bench/peers.py).
+        weighted = [values[name] if term.weight == 1.0 else term.weight * values[name]
+                    for name, term in self.terms.items() if term.weight != 0.0]
         if weighted:
             total = sum(weighted[1:], start=weighted[0])  # not stack: terms may differ in dtype
         else:

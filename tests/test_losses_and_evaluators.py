@@ -83,6 +83,24 @@ def test_composite_zero_weight_nan_term_does_not_poison_total() -> None:
     assert out["loss"].item() == 1.5 and math.isnan(out["bad"].item())
 
 
+def test_composite_weight_one_gives_the_term_bitwise_and_its_gradient() -> None:
+    """A weight of 1 is not multiplied in (one autograd op less per step): the total and the gradient are
+    exactly the term's; a weight of 1 set later, and other weights, still apply."""
+    logits = torch.randn(16, 7, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    batch = {"target": torch.arange(16) % 7}
+    plain = CrossEntropyTerm()({"logits": logits}, batch)
+    (grad_plain,) = torch.autograd.grad(plain, logits)
+    loss = CompositeLoss({"ce": CrossEntropyTerm(weight=1.0)})
+    total = loss({"logits": logits}, batch)["loss"]
+    (grad_total,) = torch.autograd.grad(total, logits)
+    assert torch.equal(total, plain) and torch.equal(grad_total, grad_plain)
+    loss.set_weight("ce", 3.0)
+    tripled = loss({"logits": logits}, batch)["loss"]
+    assert torch.equal(tripled, 3.0 * plain)
+    two = CompositeLoss({"a": ConstantTerm(2.0), "b": ConstantTerm(3.0, weight=0.5)})({}, {})
+    assert two["loss"].item() == 2.0 + 1.5
+
+
 def test_composite_all_zero_weights_still_backpropagates() -> None:
     term = ConstantTerm(4.0, weight=0.0)
     out = CompositeLoss({"t": term})({}, {})

@@ -583,13 +583,18 @@ class Trainer:
             component_norms = _component_grad_norms(self.model)
             if self.grad_monitor is not None:  # per layer, before clipping: what backward produced
                 monitor_metrics = self.grad_monitor.observe(self.model, self.state.step + 1)
-        # One host sync per step: the non-finite guard must decide before any state changes.
-        ok = torch.isfinite(total.detach()) & torch.isfinite(grad_norm)
+        # One host sync per step: the non-finite guard must decide before any state changes. Both values come
+        # over in one transfer and are checked in Python: on a small model the four tensor ops this replaces
+        # (isfinite, isfinite, &, bool) cost ~0.1 ms of a ~0.6 ms step (bench/peers.py).
+        loss_value, norm_value = torch.stack(
+            [total.detach().float(), grad_norm.to(total.device, torch.float32)]
+        ).tolist()
+        ok = math.isfinite(loss_value) and math.isfinite(norm_value)
         if self.max_loss is not None:
-            ok &= total.detach() <= self.max_loss
+            ok = ok and loss_value <= self.max_loss
         if self.max_grad_norm is not None:
-            ok &= grad_norm <= self.max_grad_norm
-        if not bool(ok):
+            ok = ok and norm_value <= self.max_grad_norm
+        if not ok:
             self._skip_nonfinite_step(total, grad_norm)
             self.state.step += 1  # a skipped step still consumed its batch: the data order stays the same
             return None
