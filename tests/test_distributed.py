@@ -41,7 +41,17 @@ from tests.cli_helpers import (
     train_steps,
     wait_for,
 )
+from utils.storage.checkpoint import CheckpointManager
 from utils.training.data_loading import ResumableDistributedSampler
+
+
+def resume_state(run_dir: Path) -> dict:
+    """The checkpoint a rerun resumes from, chosen by the launcher's own rule: a kill between a step file's
+    rename and latest.pt's update (likelier with saves written in the background) leaves latest.pt behind."""
+    found = CheckpointManager(run_dir).load_latest()
+    assert found is not None, f"no checkpoint in {run_dir}"
+    return found[0]
+
 
 # drop_last: whole global batches only. With drop_last=false torch pads the shorter shard of the last batch
 # by repeating indices, so that batch is not the one a single process draws.
@@ -248,9 +258,9 @@ def _kill_mid_run(targets: dict[str, Run], survivor: Run, victim: Run) -> None:
         wait_for(lambda r=run: not any(_alive(p) for p in r.workers), timeout=60, what=f"{name}: workers to exit")
         killed = run.killed[0]
         killed.output = output_so_far(run.proc)  # with what the workers printed after their agent died
-        run.killed = (killed, load(run.run_dir / "latest.pt"))
+        run.killed = (killed, resume_state(run.run_dir))
     survivor.killed = (finish(survivor.proc), survivor_exit_s)
-    victim.killed = (victim.killed[0], load(victim.run_dir / "latest.pt"))
+    victim.killed = (victim.killed[0], resume_state(victim.run_dir))
     wait_for(lambda: not any(_alive(p) for p in survivor.workers), timeout=30, what="the surviving node's worker to exit")
 
 

@@ -31,7 +31,9 @@ from tests.cli_helpers import (
     train_steps,
     wait_for,
 )
-from tests.test_distributed import ATOL, RTOL, TINY, TORCHRUN, Run, _alive, _children, _kill_all, _start
+from tests.test_distributed import (
+    ATOL, RTOL, TINY, TORCHRUN, Run, _alive, _children, _kill_all, _start, resume_state,
+)
 
 # Dropout (per-rank RNG streams), batch 32 = 2 x 16: 7 steps per epoch, 42 steps = 6 epochs; checkpoints every
 # 5 steps and at the evaluations (10). No grad filter and no EMA: FSDP does not support them yet.
@@ -64,7 +66,7 @@ def runs(tmp_path_factory):
         killed = finish(victim.proc)
         wait_for(lambda: not any(_alive(p) for p in victim.workers), timeout=60, what="the workers to exit")
         killed.output = output_so_far(victim.proc)  # with what the workers printed after their agent died
-        victim.killed = (killed, load(victim.run_dir / "latest.pt"))
+        victim.killed = (killed, resume_state(victim.run_dir))
         victim.rerun_proc = _start(*victim.args)
         yield started
     finally:

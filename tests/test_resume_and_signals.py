@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import signal
 import time
@@ -34,7 +35,7 @@ from tests.cli_helpers import (
     wait_for,
 )
 from utils.storage.checkpoint import CheckpointManager, load_checkpoint
-from utils.signals import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_NONFINITE
+from utils.signals import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_NONFINITE, GracefulShutdown
 
 # ------------------------------------------------------------------------------- exact resume after SIGKILL
 # 253 training equations / batch 32 = 7 batches per epoch (drop_last), 6 epochs = 42 steps. Checkpoints every
@@ -372,3 +373,47 @@ def test_diverging_run_stops_with_exit_3_and_keeps_only_finite_checkpoints(tmp_p
         tensors = [t for t in all_tensors(load(path)) if t.is_floating_point()]
         assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors), f"{path.name} has NaN/Inf"
     assert load(run_dir / "latest.pt")["train_state"]["step"] < 50
+
+
+class _NonReentrantStream:
+    """A log stream that, like io.BufferedWriter, refuses a write from inside one of its own writes, and
+    that runs a signal handler in the middle of the first write (where EINTR lets CPython run one)."""
+
+    def __init__(self, in_the_middle) -> None:
+        self.lines: list[str] = []
+        self.in_the_middle = in_the_middle
+        self.writing = False
+
+    def write(self, text: str) -> None:
+        if self.writing:
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter>")
+        self.writing = True
+        try:
+            if self.in_the_middle is not None:
+                handler, self.in_the_middle = self.in_the_middle, None
+                handler()
+            self.lines.append(text)
+        finally:
+            self.writing = False
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_signal_during_a_log_write_still_logs_that_it_was_received():
+    shutdown = GracefulShutdown()
+    stream = _NonReentrantStream(lambda: shutdown._handle(signal.SIGTERM, None))
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("utils.signals")
+    logger.addHandler(handler)
+    try:
+        logging.getLogger("utils.signals").warning("a step's log line")
+        deadline = time.monotonic() + 10
+        while len(stream.lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        logger.removeHandler(handler)
+    assert shutdown.requested and shutdown.signal_name == "SIGTERM"
+    assert [line.strip() for line in stream.lines] == [
+        "a step's log line", f"SIGTERM received: {shutdown.action}."
+    ]

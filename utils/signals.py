@@ -31,6 +31,20 @@ EXIT_INTERRUPTED = 75  # stopped by a signal after saving a checkpoint: run agai
 EXIT_ABORTED = 130  # second Ctrl+C: stopped at once, no checkpoint for the current step
 
 
+def _log_outside_handler(message: str) -> None:
+    """Log a warning from a signal handler without writing from inside it.
+
+    The handler runs between two bytecodes of the main thread, possibly in the middle of that thread's own
+    write to a log file; writing again there fails with "reentrant call inside BufferedWriter" and logging
+    drops the line (seen under load with a log line per step). A thread writes it instead: at once in the
+    usual case (the handler waits up to 50 ms for it), or, when the interrupted write holds the log handler's
+    lock, as soon as that write is done. It is not a daemon, so the line is written before the process exits.
+    """
+    writer = threading.Thread(target=log.warning, args=(message,), name="signal-log")
+    writer.start()
+    writer.join(timeout=0.05)
+
+
 class GracefulShutdown:
     """Context manager that turns termination signals into a flag the loop polls."""
 
@@ -53,10 +67,10 @@ class GracefulShutdown:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.requested and signum == signal.SIGINT:
-            log.warning("Second SIGINT: aborting now without a final checkpoint.")
+            _log_outside_handler("Second SIGINT: aborting now without a final checkpoint.")
             raise KeyboardInterrupt
         if not self.requested:
-            log.warning("%s received: %s.", name, self.action)
+            _log_outside_handler(f"{name} received: {self.action}.")
         self.requested = True
         self.signal_name = self.signal_name or name
         self.signum = self.signum or signum
