@@ -133,6 +133,14 @@ def _kill_all(proc: subprocess.Popen, workers: list[int]) -> None:
         proc.wait()
 
 
+def _stop_runs(runs) -> None:
+    """End every run a fixture started: its torchrun, its workers and its rerun, if any."""
+    for run in runs:
+        _kill_all(run.proc, run.workers)
+        if run.rerun_proc is not None:
+            _kill_all(run.rerun_proc, _children(run.rerun_proc.pid))
+
+
 class Run:
     def __init__(self, root: Path, data_root: Path, *args: str) -> None:
         self.root = root
@@ -199,10 +207,7 @@ def runs(tmp_path_factory):
             run.rerun_proc = _start(*run.args)
         yield started
     finally:
-        for run in started.values():
-            _kill_all(run.proc, run.workers)
-            if run.rerun_proc is not None:
-                _kill_all(run.rerun_proc, _children(run.rerun_proc.pid))
+        _stop_runs(started.values())
 
 
 def _kill_mid_run(targets: dict[str, Run], survivor: Run, victim: Run) -> None:

@@ -32,7 +32,7 @@ from tests.cli_helpers import (
     wait_for,
 )
 from tests.test_distributed import (
-    ATOL, RTOL, TINY, TORCHRUN, Run, _alive, _children, _kill_all, _start, resume_state,
+    ATOL, RTOL, TINY, TORCHRUN, Run, _alive, _children, _start, _stop_runs, resume_state,
 )
 
 # Dropout (per-rank RNG streams), batch 32 = 2 x 16: 7 steps per epoch, 42 steps = 6 epochs; checkpoints every
@@ -70,10 +70,7 @@ def runs(tmp_path_factory):
         victim.rerun_proc = _start(*victim.args)
         yield started
     finally:
-        for r in started.values():
-            _kill_all(r.proc, r.workers)
-            if r.rerun_proc is not None:
-                _kill_all(r.rerun_proc, _children(r.rerun_proc.pid))
+        _stop_runs(started.values())
 
 
 @pytest.mark.slow  # the module's 3 torchruns and a rerun: 60-85 s on 2 shared cores

@@ -177,6 +177,17 @@ def holding(name: str, directory: Path) -> list[str]:
             f"+callbacks.gate.directory={directory}"]
 
 
+def start_with_a_held_write(step: int, tmp_path: Path, datasets) -> tuple:
+    """Start the EXACT run with the write of step_<step>.pt held in flight; return once it is held:
+    (process, run dir, gate directory, the run's arguments)."""
+    root, gate = tmp_path / "ck", tmp_path / "gate"
+    args = [*EXACT, *paths(root, datasets), *holding(f"step_{step:08d}.pt", gate)]
+    proc = start("pretrain.py", *args)
+    wait_for(lambda: (gate / "held").exists(), timeout=180, what=f"the write of step {step} to be held", proc=proc,
+             poll_s=0.002)
+    return proc, root / "default", gate, args
+
+
 def trained_state(ckpt: dict) -> dict:
     """`comparable`, without the config and the test's own callback (run A has neither)."""
     out = comparable(ckpt)
@@ -199,12 +210,7 @@ def assert_same_final_state(uninterrupted, run_dir: Path) -> None:
 def test_a_signal_while_a_save_is_in_flight_leaves_a_valid_checkpoint_and_resume_stays_exact(
     uninterrupted, datasets, tmp_path, sig
 ):
-    root, gate = tmp_path / "ck", tmp_path / "gate"
-    run_dir = root / "default"
-    args = [*EXACT, *paths(root, datasets), *holding("step_00000005.pt", gate)]
-    proc = start("pretrain.py", *args)
-    wait_for(lambda: (gate / "held").exists(), timeout=180, what="the write of step 5 to be held", proc=proc,
-             poll_s=0.002)
+    proc, run_dir, gate, args = start_with_a_held_write(5, tmp_path, datasets)
     assert not (run_dir / "step_00000005.pt").exists() and Path((gate / "held").read_text()).exists()
     proc.send_signal(sig)  # training went on meanwhile; the next save waits for this write
     wait_for(lambda: f"{sig.name} received" in (run_dir / "train.log").read_text(), timeout=60,
@@ -229,12 +235,7 @@ def test_a_signal_while_a_save_is_in_flight_leaves_a_valid_checkpoint_and_resume
 def test_sigkill_while_a_save_is_in_flight_leaves_the_previous_checkpoint_and_resume_stays_exact(
     uninterrupted, datasets, tmp_path
 ):
-    root, gate = tmp_path / "ck", tmp_path / "gate"
-    run_dir = root / "default"
-    args = [*EXACT, *paths(root, datasets), *holding("step_00000010.pt", gate)]
-    proc = start("pretrain.py", *args)
-    wait_for(lambda: (gate / "held").exists(), timeout=180, what="the write of step 10 to be held", proc=proc,
-             poll_s=0.002)
+    proc, run_dir, gate, args = start_with_a_held_write(10, tmp_path, datasets)
     temp = Path((gate / "held").read_text())
     proc.send_signal(signal.SIGKILL)
     killed = finish(proc)
