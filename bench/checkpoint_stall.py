@@ -1,6 +1,7 @@
 """Checkpoint stall: how long a save holds up the training loop, synchronous against asynchronous.
 
     python -m bench.checkpoint_stall [--sizes 25M,163M] [--rounds 5] [--dir DIR] [--out results.json]
+    python -m bench.checkpoint_stall --loop [--sizes 163M] [--saves 5] [--every 3] [--batch 16]
 
 For each size, a stack of nn.Linear layers with that many parameters and Adam's state (exp_avg and
 exp_avg_sq, after one step), saved through CheckpointManager the way the trainer saves it
@@ -21,6 +22,18 @@ host buffers; it is reported on its own):
              for the previous write (wait), then copies
   fork()     not a mode of the launcher: how long os.fork() of this process takes, the stall a copy-on-write
              snapshot (a forked child writes) would start with
+
+With --loop, the stall a save adds to a training loop, which is what a run feels: the same model trains
+(forward, backward, Adam step on a batch of --batch rows) and saves every --every steps, in three modes
+that take turns save by save:
+
+  sync       the save writes in the loop (async_save=false)
+  async      the save copies every tensor to host memory, then returns (overlap_copy=false)
+  overlap    the save copies the buffers and returns; the weights and Adam states are copied by a
+             background thread while the next step's forward and backward run, and that step waits for
+             the copy before its Adam step (the trainer's default: async_save and overlap_copy)
+
+  stall      per save: (the save call) + (the step after it) - (the median step that follows no save)
 
 One intra-op thread (OMP_NUM_THREADS=1 is set here unless given), as the CPU presets run.
 """
@@ -133,6 +146,71 @@ def measure(size: str, rounds: int, root: Path) -> dict[str, Any]:
     return summary
 
 
+LOOP_MODES = ("sync", "async", "overlap")
+
+
+def loop_stall(size: str, saves: int, every: int, batch: int, root: Path) -> dict[str, Any]:
+    """Per mode, the stall each save adds to a training loop (see the module docstring)."""
+    width, layers = SIZES[size]
+    model, opt = build(width, layers)
+    x = torch.randn(batch, width)
+    weights_and_moments = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    weights_and_moments |= {t.untyped_storage().data_ptr() for st in opt.state.values() for t in st.values()
+                            if isinstance(t, torch.Tensor)}
+
+    def defer(t: torch.Tensor) -> bool:  # what the trainer defers: weights and optimizer states
+        return t.untyped_storage().data_ptr() in weights_and_moments
+
+    managers = {mode: CheckpointManager(root / size / f"loop_{mode}", keep_last=2, async_save=mode != "sync")
+                for mode in LOOP_MODES}
+    step_s: dict[str, list[float]] = {m: [] for m in LOOP_MODES}  # steps that follow no save
+    stall_s: dict[str, list[float]] = {m: [] for m in LOOP_MODES}
+    wait_s: dict[str, list[float]] = {m: [] for m in LOOP_MODES}  # the after-save step's wait for the copy
+    step = 0
+
+    def train_step(manager: CheckpointManager) -> float:
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        manager.wait_for_snapshots()  # the trainer's _before_updating
+        opt.step()
+        return time.perf_counter() - start
+
+    for save_index in range(saves + 1):  # the first cycle of each mode warms up (allocates host buffers)
+        for mode in LOOP_MODES if save_index % 2 == 0 else LOOP_MODES[::-1]:
+            manager = managers[mode]
+            for _ in range(every - 1):
+                t = train_step(manager)
+                if save_index > 0:
+                    step_s[mode].append(t)
+            step += 1
+            state = state_of(model, opt, step)
+            start = time.perf_counter()
+            if mode == "sync":
+                assert_finite_state(state["model"], "model weights")
+                manager.save(state, step)
+            else:
+                manager.save(state, step, finite={"model": "model weights"}, defer=defer if mode == "overlap" else None)
+            call = time.perf_counter() - start
+            manager.last_snapshot_wait_s = 0.0
+            after = train_step(manager)
+            if save_index > 0:
+                stall_s[mode].append(call + after)
+                wait_s[mode].append(manager.last_snapshot_wait_s)
+            manager.wait()  # saves come further apart than the write takes (bench.checkpoint_stall's main mode)
+    for manager in managers.values():
+        manager.close()
+    summary: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()), "batch": batch,
+                               "every": every, "saves": saves}
+    for mode in LOOP_MODES:
+        base = statistics.median(step_s[mode])
+        summary[mode] = {"step_s": base, "stalls_s": [v - base for v in stall_s[mode]],
+                         "stall_s": statistics.median(stall_s[mode]) - base,
+                         "copy_wait_s": statistics.median(wait_s[mode])}
+    del model, opt, managers
+    return summary
+
+
 def fork_times(n: int) -> list[float]:
     """Seconds `os.fork()` takes in this process (the child exits at once): the stall of a copy-on-write
     snapshot, before the page faults the parent pays when it next writes the copied pages."""
@@ -153,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--loop", action="store_true", help="the stall in a training loop, sync / async / overlap")
+    parser.add_argument("--saves", type=int, default=5, help="--loop: timed saves per mode")
+    parser.add_argument("--every", type=int, default=3, help="--loop: steps per save")
+    parser.add_argument("--batch", type=int, default=16, help="--loop: rows per step")
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
@@ -163,11 +245,31 @@ def main(argv: list[str] | None = None) -> int:
                               "threads": torch.get_num_threads(), "dir": str(root)}
     try:
         for size in sizes:
-            report[size] = measure(size, args.rounds, root)
+            report[size] = (loop_stall(size, args.saves, args.every, args.batch, root) if args.loop
+                            else measure(size, args.rounds, root))
             shutil.rmtree(root / size)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report["load_average_at_end"] = os.getloadavg()
+    if args.loop:
+        print(f"\nload average {report['load_average_at_start'][0]:.2f} at start, "
+              f"{report['load_average_at_end'][0]:.2f} at end; {report['threads']} torch thread(s); "
+              f"medians of {args.saves} saves per mode")
+        print("| size | batch | step | sync stall | async stall | overlap stall (of which waiting for the copy) | "
+              "overlap / async |")
+        print("|---|---|---|---|---|---|---|")
+        for size in sizes:
+            s = report[size]
+            print(f"| {size} | {s['batch']} | {s['sync']['step_s'] * 1e3:.0f} ms | {s['sync']['stall_s'] * 1e3:.0f} ms "
+                  f"| {s['async']['stall_s'] * 1e3:.0f} ms | {s['overlap']['stall_s'] * 1e3:.0f} ms "
+                  f"({s['overlap']['copy_wait_s'] * 1e3:.0f} ms) | "
+                  f"{s['overlap']['stall_s'] / s['async']['stall_s']:.2f} |")
+            for mode in LOOP_MODES:
+                print(f"  {size} {mode}: stall per save " + ", ".join(f"{v * 1e3:.0f}" for v in s[mode]["stalls_s"])
+                      + " ms")
+        if args.out is not None:
+            args.out.write_text(json.dumps(report, indent=2))
+        return 0
 
     print(f"\nload average {report['load_average_at_start'][0]:.2f} at start, {report['load_average_at_end'][0]:.2f} "
           f"at end; {report['threads']} torch thread(s); medians of rounds 2..{args.rounds}")

@@ -8,8 +8,8 @@ Each variant and seed runs twice, interleaved: through the launcher, and through
 the same experiment written as one plain PyTorch script without any launcher code (`--loops` picks). A
 gap between the two is the launcher's; a gap that both show is not.
 
-Each launcher run is a real `python pretrain.py experiment=grokking ...` (modular division, p=97, a 50% split drawn
-from the seed as the reference script draws it,
+Each launcher run is a real `python pretrain.py experiment=grokking ...` (x * y mod p for p=97 and y in 1..96, the
+reference script's task, a 50% split drawn from the seed as the reference script draws it,
 2-layer width-128 transformer with the reference implementation's block, initialisation and batching,
 batch 512, Adam lr 1e-3 betas (0.9, 0.98)), evaluated every --eval-interval steps and stopped at the first
 evaluation with val/acc >= target. Per variant, as in the paper (Lee et al. 2024): baseline weight decay 0;
@@ -57,7 +57,8 @@ def steps_to_target(run_dir: Path, target: float) -> int | None:
 def plain_command(name: str, seed: int, args: argparse.Namespace) -> list[str]:
     """The same run through bench/grokfast_plain.py: no launcher code at all."""
     return [sys.executable, "-m", "bench.grokfast_plain", f"--variant={name}", f"--seed={seed}",
-            f"--max-steps={args.max_steps}", f"--eval-interval={args.eval_interval}", f"--target={args.target}"]
+            f"--max-steps={args.max_steps}", f"--eval-interval={args.eval_interval}", f"--target={args.target}",
+            "--operation=mul"]  # experiment=grokking's task
 
 
 def command(name: str, seed: int, args: argparse.Namespace, root: Path) -> list[str]:

@@ -8,8 +8,8 @@ the seed's. Everything here is written out by hand on purpose (nn.MultiheadAtten
 batches, the filters inline): sharing the launcher's model, data or filter code would hide the very
 differences the comparison is for.
 
-The setup (Lee et al. 2024, after Power et al. 2022): x / y mod p for p = 97, x in 0..96, y in 1..96,
-as the tokens [x, op, y, =]; half the table for training, drawn by the seed; a 2-layer width-128
+The setup (Lee et al. 2024, after Power et al. 2022): x * y mod p for p = 97, x in 0..96, y in 1..96
+(the reference script's task; --operation div for x / y), as the tokens [x, op, y, =]; half the table for training, drawn by the seed; a 2-layer width-128
 decoder whose block normalises its input (x = ln(x); x = x + attn(x); x = x + mlp(ln(x))), PyTorch's
 default initialisation, a bias-free head over all p + 2 tokens; batch 512 with each epoch's last,
 shorter batch kept; Adam lr 1e-3, betas (0.9, 0.98), coupled L2 weight decay, linear warm-up over
@@ -66,12 +66,12 @@ class PlainDecoder(nn.Module):
         return self.head(self.norm_out(h)[:, -1])
 
 
-def equations() -> tuple[torch.Tensor, torch.Tensor]:
+def equations(operation: str) -> tuple[torch.Tensor, torch.Tensor]:
     rows, answers = [], []
     for x in range(P):
         for y in range(1, P):
             rows.append([x, P, y, P + 1])
-            answers.append(x * pow(y, P - 2, P) % P)
+            answers.append(x * y % P if operation == "mul" else x * pow(y, P - 2, P) % P)
     return torch.tensor(rows), torch.tensor(answers)
 
 
@@ -92,9 +92,9 @@ def filter_gradients(model: nn.Module, variant: str, state: dict) -> None:
                 g.add_(torch.stack(list(window)).mean(0), alpha=cfg["lamb"])
 
 
-def run(variant: str, seed: int, max_steps: int, eval_interval: int, target: float) -> int | None:
+def run(variant: str, seed: int, max_steps: int, eval_interval: int, target: float, operation: str = "mul") -> int | None:
     torch.manual_seed(seed)
-    inputs, answers = equations()
+    inputs, answers = equations(operation)
     model = PlainDecoder(vocab=P + 2, length=4)
     order = torch.randperm(len(answers))
     train, val = order[: len(order) // 2], order[len(order) // 2:]
@@ -130,9 +130,10 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=6000)
     parser.add_argument("--eval-interval", type=int, default=10)
     parser.add_argument("--target", type=float, default=0.95)
+    parser.add_argument("--operation", choices=["mul", "div"], default="mul")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    steps = run(args.variant, args.seed, args.max_steps, args.eval_interval, args.target)
+    steps = run(args.variant, args.seed, args.max_steps, args.eval_interval, args.target, args.operation)
     print(json.dumps({"variant": args.variant, "seed": args.seed, "steps": steps}), flush=True)
 
 

@@ -273,6 +273,58 @@ def test_an_async_save_writes_the_bytes_of_a_sync_save_at_the_moment_of_the_call
     manager.close()
 
 
+def every_tensor(t: torch.Tensor) -> bool:
+    return True
+
+
+def test_a_deferred_copy_writes_the_bytes_of_a_sync_save_at_the_moment_of_the_call(tmp_path: Path) -> None:
+    # overlap_copy: the weights and optimizer states are copied after save() returns, while the next step's
+    # forward runs; the step's update comes after wait_for_snapshots() and must not reach the file.
+    state, model, opt = training_state()
+    CheckpointManager(tmp_path / "sync").save(state, 7)
+    CheckpointManager(tmp_path / "sync").save_named("ema_model.pt", {"model": model.state_dict()})
+    manager = CheckpointManager(tmp_path / "async", async_save=True)
+    manager.save(state, 7, defer=every_tensor)
+    manager.save_named("ema_model.pt", {"model": model.state_dict()}, defer=every_tensor)
+    manager.wait_for_snapshots()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for per_param in opt.state.values():
+        per_param["exp_avg"].mul_(2.0)
+    manager.close()
+    for name in ("step_00000007.pt", "latest.pt", "ema_model.pt", "ema_model.pt.sha256"):
+        assert (tmp_path / "async" / name).read_bytes() == (tmp_path / "sync" / name).read_bytes(), name
+
+
+def test_a_deferred_tensor_changed_before_its_copy_was_taken_is_not_written_and_is_copied_at_once_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    manager = CheckpointManager(tmp_path, async_save=True)
+    weights = {"w": torch.zeros(4), "b": torch.zeros(2)}
+    manager.save({"model": weights, "step": 1}, 1, defer=every_tensor)
+    manager.wait()
+    # A forward pass that changes a weight in place while the copy of step 2 may still be running: that copy
+    # can mix the two states, so it is not written.
+    manager.save({"model": weights, "step": 2}, 2, defer=every_tensor)
+    weights["w"].add_(1.0)
+    manager.wait_for_snapshots()
+    assert "Checkpoint of step 2 not written: model.w changed in place" in caplog.text
+    assert "model.b" not in caplog.text
+    manager.wait()
+    assert [p.name for p in manager.checkpoints()] == ["step_00000001.pt"]
+    assert manager.load_latest()[0]["step"] == 1
+    # From then on `w` is copied before save() returns: the same change no longer costs the checkpoint.
+    caplog.clear()
+    manager.save({"model": weights, "step": 3}, 3, defer=every_tensor)
+    weights["w"].add_(1.0)
+    manager.close()
+    assert "not written" not in caplog.text
+    loaded = manager.load_latest()[0]
+    assert loaded["step"] == 3 and loaded["model"]["w"].tolist() == [1.0] * 4
+
+
 def test_a_save_waits_for_the_previous_write_of_its_file_only(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path, keep_last=2, async_save=True)
     hold = HoldWrites()
@@ -352,19 +404,25 @@ def test_a_failed_async_write_raises_the_message_of_a_sync_save_at_wait(tmp_path
 def test_a_run_saving_async_writes_the_checkpoints_of_a_run_saving_sync(make_cfg, tmp_path: Path) -> None:
     from utils.training.runner import fit  # the trainer, in this process
 
-    common = ("trainer.max_steps=4", "trainer.checkpoint.interval=2", "trainer.ema.enabled=true")
-    runs = {mode: tmp_path / mode / "ck" / "test" for mode in ("sync", "async")}
-    fit(make_cfg(tmp_path / "sync", *common, "trainer.checkpoint.async_save=false"))
-    fit(make_cfg(tmp_path / "async", *common, "trainer.checkpoint.async_save=true"))
+    # Saves at steps 2, 4 and 6: the copies of 2 and 4 overlap the next step's forward and backward (async).
+    common = ("trainer.max_steps=6", "trainer.checkpoint.interval=2", "trainer.ema.enabled=true",
+              "grad_filter=grokfast_ema")
+    modes = {"sync": ["trainer.checkpoint.async_save=false"],
+             "async": ["trainer.checkpoint.async_save=true"],  # overlap_copy=true, the default
+             "async_copy_first": ["trainer.checkpoint.async_save=true", "trainer.checkpoint.overlap_copy=false"]}
+    runs = {mode: tmp_path / mode / "ck" / "test" for mode in modes}
+    for mode, overrides in modes.items():
+        fit(make_cfg(tmp_path / mode, *common, *overrides))
     names = sorted(p.name for p in runs["sync"].iterdir() if p.suffix in (".pt", ".sha256"))
-    assert names == sorted(p.name for p in runs["async"].iterdir() if p.suffix in (".pt", ".sha256"))
-    assert {"latest.pt", "best.pt", "ema_model.pt", "step_00000004.pt"} <= set(names)
-    assert not [p for p in runs["async"].iterdir() if ".tmp." in p.name]
-    for name in (n for n in names if n.endswith(".pt")):
-        sync, async_ = (load_checkpoint(runs[m] / name, require_digest=True) for m in ("sync", "async"))
-        for state in (sync, async_):
-            state.pop("config", None)  # paths and async_save differ; everything else is the same run
-        assert_same(sync, async_, name)
+    assert {"latest.pt", "best.pt", "ema_model.pt", "step_00000002.pt", "step_00000006.pt"} <= set(names)
+    for mode in ("async", "async_copy_first"):
+        assert names == sorted(p.name for p in runs[mode].iterdir() if p.suffix in (".pt", ".sha256")), mode
+        assert not [p for p in runs[mode].iterdir() if ".tmp." in p.name]
+        for name in (n for n in names if n.endswith(".pt")):
+            sync, async_ = (load_checkpoint(runs[m] / name, require_digest=True) for m in ("sync", mode))
+            for state in (sync, async_):
+                state.pop("config", None)  # paths and async_save differ; everything else is the same run
+            assert_same(sync, async_, f"{mode} {name}")
 
 
 # ------------------------------------------------------------------------------------------------ corruption

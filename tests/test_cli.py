@@ -158,21 +158,21 @@ def grokking_runs(tmp_path_factory):
 
 def test_experiment_grokking_run_dir_is_named_after_op_and_grad_filter(grokking_runs):
     root = grokking_runs["base"] / "pre"
-    for key, name in (("ema", "grokking_div_grokfast_ema"), ("none", "grokking_div_none")):
+    for key, name in (("ema", "grokking_mul_grokfast_ema"), ("none", "grokking_mul_none")):
         result = grokking_runs[key]
         assert result.returncode == 0, result
         assert f"Training {name} on" in result.output, result
         ckpt = load(root / name / "latest.pt")
         assert ckpt["config"]["run_name"] == name
         assert ckpt["config"]["paths"]["run_dir"] == str(root / name)
-    assert sorted(p.name for p in root.iterdir()) == ["grokking_div_grokfast_ema", "grokking_div_none"]
+    assert sorted(p.name for p in root.iterdir()) == ["grokking_mul_grokfast_ema", "grokking_mul_none"]
 
 
 def test_train_py_runs_the_grokking_experiment_in_the_same_dir(grokking_runs):
     """The experiment's documented command (`python train.py experiment=grokking ...`): train.py, which looks
     for checkpoints to resume, must resolve the same run dir pretrain.py writes to."""
     result = grokking_runs["train_py"]
-    run_dir = grokking_runs["base"] / "train" / "grokking_div_grokfast_ema"
+    run_dir = grokking_runs["base"] / "train" / "grokking_mul_grokfast_ema"
     assert result.returncode == 0, result
     assert f"No checkpoint in {run_dir}" in result.output, result
     assert load(run_dir / "latest.pt")["train_state"]["step"] == 6

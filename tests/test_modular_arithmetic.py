@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from dataset.base import DiskDatasetBuilder
 from dataset.grokking.modular_arithmetic import (
     MalformedDatasetError,
+    check_data,
     ModularArithmeticBuilder,
     ModularArithmeticData,
     make_equations,
@@ -59,6 +60,27 @@ def test_every_answer_is_correct(tmp_path: Path, op: str) -> None:
     for (x, op_tok, y, eq_tok), z in zip(inputs.tolist(), targets.tolist()):
         assert (op_tok, eq_tok) == (p, p + 1)
         assert z == _reference_answer(x, y, op, p)
+
+
+@pytest.mark.parametrize("op", ["add", "mul"])
+def test_nonzero_y_leaves_out_y_zero_in_its_own_directory(tmp_path: Path, op: str) -> None:
+    # Grokfast's task (experiment=grokking): x * y mod p for y in 1..p-1 only.
+    p = 11
+    dm = ModularArithmeticData(data_root=str(tmp_path), p=p, operation=op, nonzero_y=True)
+    assert dm.root == tmp_path / f"modular_{op}_p11_f0.5_s0_y1"
+    dm.prepare_data()
+    dm.setup()
+    inputs, targets = _all_rows(dm)
+    assert {(int(x), int(y)) for x, _, y, _ in inputs.tolist()} == {(x, y) for x in range(p) for y in range(1, p)}
+    assert all(z == _reference_answer(x, y, op, p) for (x, _, y, _), z in zip(inputs.tolist(), targets.tolist()))
+    assert len(dm.train_dataset) == p * (p - 1) // 2
+    # Without the option the table has y = 0 too, in a directory of its own.
+    full = ModularArithmeticData(data_root=str(tmp_path), p=p, operation=op)
+    assert full.root == tmp_path / f"modular_{op}_p11_f0.5_s0" and full.builder.params_hash() != dm.builder.params_hash()
+    # A table with y = 0 rows is refused under nonzero_y (the loader checks the file against its options).
+    full.prepare_data()
+    with pytest.raises(MalformedDatasetError, match=r"has shape \[121, 4\], expected \[110, 4\]"):
+        check_data(torch.load(full.data_path, weights_only=True), p, op, 0.5, full.data_path, nonzero_y=True)
 
 
 def test_division_matches_modular_inverse() -> None:

@@ -167,8 +167,8 @@ def test_summary_works_with_submitit_jobs_and_a_run_name_from_a_swept_group(swee
     result = sweeps["first"]["submitit"]
     assert result.returncode == 0, result
     root = sweeps["roots"]["submitit"]
-    assert sorted(p.name for p in root.iterdir()) == ["grokking_div_grokfast_ema_multirun"]  # the sweep's name
-    sweep_dir = root / "grokking_div_grokfast_ema_multirun"
+    assert sorted(p.name for p in root.iterdir()) == ["grokking_mul_grokfast_ema_multirun"]  # the sweep's name
+    sweep_dir = root / "grokking_mul_grokfast_ema_multirun"
     assert (sweep_dir / ".submitit").is_dir(), "the jobs ran through submitit"
     rows = read_summary(sweep_dir)
     assert [(r["grad_filter"], r["status"]) for r in rows] == [("none", "COMPLETED"), ("grokfast_ema", "COMPLETED")]

@@ -2,9 +2,11 @@
 
 Following Power et al. 2022 and Grokfast (Lee et al. 2024), every equation is the 4-token
 sequence ``[x, op, y, =]`` with x, y in 0..p-1, ``op = p`` and ``= = p + 1`` (vocabulary p + 2);
-the target is the answer in 0..p-1. The full table is split once into train / validation with a
+the target is the answer in 0..p-1. Division leaves out y = 0, and so does any operation with
+``nonzero_y=True``: Grokfast's reference task is x * y mod p for y in 1..p-1 (its script's docstring
+says x / y, its code computes x * y). The full table is split once into train / validation with a
 seeded permutation and stored as ``data.pt`` under
-``<data_root>/modular_<op>_p<p>_f<train_fraction>_s<split_seed>``.
+``<data_root>/modular_<op>_p<p>_f<train_fraction>_s<split_seed>`` (``..._y1`` with nonzero_y).
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ def is_prime(n: int) -> bool:
     return True
 
 
-def validate_params(p: Any, operation: Any, train_fraction: Any, split_seed: Any) -> None:
+def validate_params(p: Any, operation: Any, train_fraction: Any, split_seed: Any, nonzero_y: Any = False) -> None:
     """Raise ConfigError naming the offending config key and what it accepts."""
+    if not isinstance(nonzero_y, bool):
+        raise ConfigError(f"data.nonzero_y must be true or false, got {nonzero_y!r}")
     if operation not in OPERATIONS:
         raise ConfigError(f"data.operation must be one of {list(OPERATIONS)}, got {operation!r}")
     if isinstance(p, bool) or not isinstance(p, int) or not is_prime(p):
@@ -59,26 +63,31 @@ def validate_params(p: Any, operation: Any, train_fraction: Any, split_seed: Any
         raise ConfigError(f"data.split_seed must be an integer, got {split_seed!r}")
 
 
-def num_equations(p: int, operation: str) -> int:
-    # Division excludes y = 0, which has no inverse.
-    return p * (p - 1) if operation == "div" else p * p
+def y_starts_at_one(operation: str, nonzero_y: bool) -> bool:
+    # Division always excludes y = 0, which has no inverse.
+    return nonzero_y or operation == "div"
 
 
-def num_train(p: int, operation: str, train_fraction: float) -> int:
-    n = num_equations(p, operation)
+def num_equations(p: int, operation: str, nonzero_y: bool = False) -> int:
+    return p * (p - 1) if y_starts_at_one(operation, nonzero_y) else p * p
+
+
+def num_train(p: int, operation: str, train_fraction: float, nonzero_y: bool = False) -> int:
+    n = num_equations(p, operation, nonzero_y)
     # Keep both splits non-empty even for tiny p.
     return min(max(round(train_fraction * n), 1), n - 1)
 
 
-def dataset_dir_name(p: int, operation: str, train_fraction: float, split_seed: int) -> str:
+def dataset_dir_name(p: int, operation: str, train_fraction: float, split_seed: int, nonzero_y: bool = False) -> str:
     # repr() of the float is exact, so distinct fractions never share a directory.
-    return f"modular_{operation}_p{p}_f{float(train_fraction)!r}_s{split_seed}"
+    suffix = "_y1" if nonzero_y and operation != "div" else ""  # division's table is the same either way
+    return f"modular_{operation}_p{p}_f{float(train_fraction)!r}_s{split_seed}{suffix}"
 
 
-def make_equations(p: int, operation: str) -> tuple[torch.Tensor, torch.Tensor]:
+def make_equations(p: int, operation: str, nonzero_y: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """All equations in (x, y) order: inputs [N, 4] and answers [N], both int64."""
     xs = torch.arange(p, dtype=torch.long)
-    ys = torch.arange(1 if operation == "div" else 0, p, dtype=torch.long)
+    ys = torch.arange(1 if y_starts_at_one(operation, nonzero_y) else 0, p, dtype=torch.long)
     x, y = torch.cartesian_prod(xs, ys).unbind(dim=1)
     if operation == "add":
         answers = (x + y) % p
@@ -94,7 +103,9 @@ def make_equations(p: int, operation: str) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, answers
 
 
-def check_data(data: Any, p: int, operation: str, train_fraction: float, path: Path | str) -> None:
+def check_data(
+    data: Any, p: int, operation: str, train_fraction: float, path: Path | str, nonzero_y: bool = False
+) -> None:
     """Check a loaded ``data.pt`` end to end; raise MalformedDatasetError naming the file."""
 
     def fail(problem: str) -> MalformedDatasetError:
@@ -110,8 +121,8 @@ def check_data(data: Any, p: int, operation: str, train_fraction: float, path: P
 
     inputs, targets = data["inputs"], data["targets"]
     train_idx, val_idx = data["train_idx"], data["val_idx"]
-    n = num_equations(p, operation)
-    n_train = num_train(p, operation, train_fraction)
+    n = num_equations(p, operation, nonzero_y)
+    n_train = num_train(p, operation, train_fraction, nonzero_y)
     expected_shapes = {"inputs": (n, SEQ_LEN), "targets": (n,), "train_idx": (n_train,), "val_idx": (n - n_train,)}
     for key, shape in expected_shapes.items():
         if tuple(data[key].shape) != shape:
@@ -121,7 +132,7 @@ def check_data(data: Any, p: int, operation: str, train_fraction: float, path: P
     x, op, y, eq = inputs.unbind(dim=1)
     if not (bool((op == p).all()) and bool((eq == p + 1).all())):
         raise fail(f"operator / '=' tokens must be {p} / {p + 1} in columns 1 / 3")
-    y_low = 1 if operation == "div" else 0
+    y_low = 1 if y_starts_at_one(operation, nonzero_y) else 0
     if not (bool(((x >= 0) & (x < p)).all()) and bool(((y >= y_low) & (y < p)).all())):
         raise fail(f"operands must be in 0..{p - 1} (y >= {y_low})")
     if torch.unique(x * p + y).numel() != n:
@@ -162,26 +173,31 @@ class ModularArithmeticBuilder(DiskDatasetBuilder):
         operation: str = "div",
         train_fraction: float = 0.5,
         split_seed: int = 0,
+        nonzero_y: bool = False,
     ) -> None:
-        validate_params(p, operation, train_fraction, split_seed)
+        validate_params(p, operation, train_fraction, split_seed, nonzero_y)
         super().__init__(root)
         self.p = p
         self.operation = operation
         self.train_fraction = float(train_fraction)
         self.split_seed = split_seed
+        self.nonzero_y = nonzero_y
 
     def params(self) -> dict[str, Any]:
-        return {"p": self.p, "operation": self.operation, "train_fraction": self.train_fraction, "split_seed": self.split_seed}
+        params = {"p": self.p, "operation": self.operation, "train_fraction": self.train_fraction, "split_seed": self.split_seed}
+        if self.nonzero_y:  # only when set: datasets built before this option keep their hash
+            params["nonzero_y"] = True
+        return params
 
     def dir_name(self) -> str:
-        return dataset_dir_name(self.p, self.operation, self.train_fraction, self.split_seed)
+        return dataset_dir_name(self.p, self.operation, self.train_fraction, self.split_seed, self.nonzero_y)
 
     def _build(self, tmp_dir: Path) -> dict:
-        inputs, targets = make_equations(self.p, self.operation)
+        inputs, targets = make_equations(self.p, self.operation, self.nonzero_y)
         n = len(targets)
         generator = torch.Generator().manual_seed(self.split_seed)
         perm = torch.randperm(n, generator=generator)
-        n_train = num_train(self.p, self.operation, self.train_fraction)
+        n_train = num_train(self.p, self.operation, self.train_fraction, self.nonzero_y)
         # Sorted indices give a stable, readable file; the order is irrelevant to training.
         data = {
             "inputs": inputs,
@@ -192,10 +208,11 @@ class ModularArithmeticBuilder(DiskDatasetBuilder):
         path = tmp_dir / DATA_FILE
         torch.save(data, path)
         # Validate what is actually on disk, exactly as setup() will read it.
-        check_data(load_data_file(path), self.p, self.operation, self.train_fraction, path)
+        check_data(load_data_file(path), self.p, self.operation, self.train_fraction, path, self.nonzero_y)
         return {
             "p": self.p,
             "operation": self.operation,
+            "nonzero_y": self.nonzero_y,
             "train_fraction": self.train_fraction,
             "split_seed": self.split_seed,
             "num_equations": n,
@@ -222,9 +239,11 @@ class ModularArithmeticData:
         operation: str = "div",
         train_fraction: float = 0.5,
         split_seed: int = 0,
+        nonzero_y: bool = False,
     ) -> None:
         self.builder = ModularArithmeticBuilder.for_data_root(
-            data_root, p=p, operation=operation, train_fraction=train_fraction, split_seed=split_seed
+            data_root, p=p, operation=operation, train_fraction=train_fraction, split_seed=split_seed,
+            nonzero_y=nonzero_y,
         )
         self.train_dataset: TensorDictDataset | None = None
         self.val_dataset: TensorDictDataset | None = None
@@ -248,7 +267,7 @@ class ModularArithmeticData:
         path = self.data_path
         data = load_data_file(path)
         b = self.builder
-        check_data(data, b.p, b.operation, b.train_fraction, path)
+        check_data(data, b.p, b.operation, b.train_fraction, path, b.nonzero_y)
         inputs, targets = data["inputs"], data["targets"]
         self.train_dataset = TensorDictDataset(
             {"inputs": inputs[data["train_idx"]], "target": targets[data["train_idx"]]}

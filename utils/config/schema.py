@@ -44,6 +44,10 @@ class CheckpointConf:
     # Copy the state to host memory and write it in a background thread (docs/checkpoints.md#asynchronous-saves):
     # the loop stalls for the copy only. The same files and guarantees either way; false writes in the loop.
     async_save: bool = True
+    # With async_save: weights and optimizer states are copied while the next step's forward and backward run
+    # (the step waits for the copy before its update). false: everything is copied before the save returns,
+    # for a model whose forward pass changes its parameters in place through `.data` (not detectable).
+    overlap_copy: bool = True
 
 
 @dataclass

@@ -41,6 +41,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +291,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@dataclass(eq=False)  # compared by identity
+class _DeferredCopy:
+    """A save whose deferred tensors a background thread is copying; its write waits for `intact`."""
+
+    kind: str
+    args: tuple[Any, ...]
+    snapshotter: Snapshotter
+    copied: Future
+    intact: Future = field(default_factory=Future)  # True: write it; False: a deferred tensor changed meanwhile
+
+
 class CheckpointManager:
     """Periodic `step_XXXXXXXX.pt` snapshots + `latest.pt` + named files in one directory (single writer).
 
@@ -315,6 +327,9 @@ class CheckpointManager:
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: dict[str, Future] = {}  # file kind -> its newest write
         self._snapshotters: dict[str, Snapshotter] = {}
+        self._copier: ThreadPoolExecutor | None = None  # deferred copies (save's `defer`)
+        self._pending: list[_DeferredCopy] = []  # deferred copies not yet checked by wait_for_snapshots
+        self.last_snapshot_wait_s = 0.0  # seconds the last wait_for_snapshots() that had a copy to wait for took
 
     @property
     def latest_path(self) -> Path:
@@ -324,16 +339,27 @@ class CheckpointManager:
         return self.directory / f"step_{step:08d}.pt"
 
     # ------------------------------------------------------------------ writing
-    def save(self, state: dict, step: int, *, finite: Mapping[str, str] | None = None) -> Path:
+    def save(
+        self,
+        state: dict,
+        step: int,
+        *,
+        finite: Mapping[str, str] | None = None,
+        defer: Callable[[torch.Tensor], bool] | None = None,
+    ) -> Path:
         """Write `step_{step:08d}.pt`, point `latest.pt` at it, prune old step files. Returns the step file.
 
         `finite` maps top-level keys of `state` to what they are ("model" -> "model weights"): a NaN/Inf in
         them refuses the save (CheckpointError, see assert_finite_state); with async_save this is checked on
         the copy, in the writer. With async_save the file is on disk once `wait()` returns.
+
+        `defer` (async_save only): tensors it is true for are copied by a background thread after this
+        returns, so the copy overlaps whatever the caller does next; the caller must call
+        `wait_for_snapshots()` before it changes any of them (the trainer: before its optimizer step).
         """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        self._submit("step", self._write_step, state, step, finite or {})
+        self._submit("step", self._write_step, state, step, finite or {}, defer=defer)
         return self.step_path(step)
 
     def _write_step(self, state: dict, step: int, finite: Mapping[str, str]) -> None:
@@ -348,7 +374,10 @@ class CheckpointManager:
         log.info("Saved checkpoint %s", path)
 
     # ------------------------------------------------------------------ the background writer
-    def _submit(self, kind: str, write: Callable[..., None], state: Any, *args: Any) -> None:
+    def _submit(
+        self, kind: str, write: Callable[..., None], state: Any, *args: Any,
+        defer: Callable[[torch.Tensor], bool] | None = None,
+    ) -> None:
         """Run `write(state, *args)` now, or (async_save) on a host copy of `state` in the writer thread."""
         self._raise_failed()
         if not self.async_save:
@@ -356,6 +385,7 @@ class CheckpointManager:
             write(state, *args)
             self.last_write_s[kind] = time.perf_counter() - start
             return
+        self.wait_for_snapshots(kind)  # the previous write of this file may wait for that verdict
         previous = self._in_flight.get(kind)
         start = time.perf_counter()
         if previous is not None:
@@ -365,16 +395,54 @@ class CheckpointManager:
                 del self._in_flight[kind]
                 raise
         self.last_wait_s = time.perf_counter() - start
-        snapshot = self._snapshotters.setdefault(kind, Snapshotter()).copy(state)
+        snapshotter = self._snapshotters.setdefault(kind, Snapshotter())
+        snapshot = snapshotter.copy(state, defer=defer)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        pending: _DeferredCopy | None = None
+        if defer is not None:
+            # Its own thread: behind the writer's queue (another file still being written) the copy would start
+            # late, and the caller's wait_for_snapshots() would wait for that write too.
+            if self._copier is None:
+                self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-copy")
+            pending = _DeferredCopy(kind, args, snapshotter, self._copier.submit(snapshotter.copy_deferred))
+            self._pending.append(pending)
 
         def timed() -> None:
+            if pending is not None:
+                pending.copied.result()  # a failed copy fails this write, reported like any write error
+                if not pending.intact.result():  # set by wait_for_snapshots: something changed a tensor meanwhile
+                    return
             t0 = time.perf_counter()
             write(snapshot, *args)
             self.last_write_s[kind] = time.perf_counter() - t0
 
         self._in_flight[kind] = self._executor.submit(timed)
+
+    def wait_for_snapshots(self, kind: str | None = None) -> None:
+        """Block until every deferred copy (`save(..., defer=...)`; of one file kind if given) is taken: after
+        this the caller may change the tensors it deferred. A copy whose tensors were changed in place before
+        it was taken is not written (a warning names them; they are copied at once from then on). Copy errors
+        are raised by the write they belong to, not here."""
+        waiting = [p for p in self._pending if kind is None or p.kind == kind]
+        if not waiting:
+            return
+        start = time.perf_counter()
+        for pending in waiting:
+            if pending.copied.exception() is not None:  # waits
+                pending.intact.set_result(True)  # the write raises the copy's error
+                continue
+            changed = pending.snapshotter.changed_deferred()
+            if changed:
+                what = f"step {pending.args[0]}" if pending.kind == "step" else pending.kind
+                log.warning(
+                    "Checkpoint of %s not written: %s changed in place while it was being copied (after the save, "
+                    "before the next optimizer step; a forward pass or hook that changes weights in place). "
+                    "From now on they are copied before the save returns; trainer.checkpoint.overlap_copy=false "
+                    "copies everything that way.", what, ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
+            pending.intact.set_result(not changed)
+        self._pending = [p for p in self._pending if p not in waiting]
+        self.last_snapshot_wait_s = time.perf_counter() - start
 
     def _raise_failed(self) -> None:
         """Raise the error of a write that has failed (without waiting for those still running)."""
@@ -385,6 +453,7 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until every background write is on disk; raise the first one's error if any failed."""
+        self.wait_for_snapshots()
         first: BaseException | None = None
         for future in list(self._in_flight.values()):
             try:
@@ -408,6 +477,9 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._copier is not None:
+                self._copier.shutdown(wait=True)
+                self._copier = None
 
     def discard(self, step: int) -> Path | None:
         """Remove step `step`'s file (its weights turned out to diverge) and point `latest.pt` at the newest
@@ -427,12 +499,13 @@ class CheckpointManager:
             self._point_latest_at(newest, digest)
         return newest
 
-    def save_named(self, name: str, state: dict) -> Path:
-        """Atomically write one named file such as "best.pt" or "ema_model.pt" (with its sidecar)."""
+    def save_named(self, name: str, state: dict, *, defer: Callable[[torch.Tensor], bool] | None = None) -> Path:
+        """Atomically write one named file such as "best.pt" or "ema_model.pt" (with its sidecar); `defer` as
+        for `save`."""
         if Path(name).name != name or name.startswith(".") or name == LATEST_NAME or _STEP_RE.match(name):
             raise ValueError(f"save_named: {name!r} must be a plain file name other than latest.pt / step_*.pt")
         path = self.directory / name
-        self._submit(name, self._write_named, state, path)
+        self._submit(name, self._write_named, state, path, defer=defer)
         return path
 
     def _write_named(self, state: dict, path: Path) -> None:

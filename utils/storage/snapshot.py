@@ -8,13 +8,20 @@ state at the moment of the copy (tests/test_checkpoint.py checks the digests).
 Hand-written because torch offers no public "copy this state dict off the live tensors into reusable host
 buffers" (torch.distributed.checkpoint's async save needs a process group and writes a directory of shards, not
 the single file with a digest that resume and the tools here read).
+
+A copy can leave some tensors for later (`defer`): their buffers are laid out at once, their data are copied
+by `copy_deferred`, which a background thread runs while training goes on (the next step's forward and
+backward). The caller must not change those tensors before `copy_deferred` has returned; the trainer waits
+for it before its first change (CheckpointManager.wait_for_snapshots). `changed_deferred` then tells whether
+something changed one of them in place meanwhile (by its version counter, which every in-place op bumps),
+in which case the copy may mix two states and must not be written; such tensors are never deferred again.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,10 +37,17 @@ class Snapshotter:
 
     def __init__(self) -> None:
         self._buffers: dict[_PathKey, torch.UntypedStorage] = {}
+        # Of the last copy: (buffer, live storage, the live tensor, its version counter then, its key path)
+        self._deferred: list[tuple[torch.UntypedStorage, torch.UntypedStorage, torch.Tensor, int, _PathKey]] = []
+        self._never_defer: set[_PathKey] = set()  # changed in place while a deferred copy was pending
 
-    def copy(self, state: Any) -> Any:
-        """A copy of `state` whose tensors live in this snapshotter's host buffers."""
+    def copy(self, state: Any, *, defer: Callable[[torch.Tensor], bool] | None = None) -> Any:
+        """A copy of `state` whose tensors live in this snapshotter's host buffers.
+
+        Tensors for which `defer(tensor)` is true are copied only by `copy_deferred` (until then their
+        buffers hold stale data); all others are copied before this returns."""
         used: dict[_PathKey, torch.UntypedStorage] = {}
+        self._deferred = []
         copied: dict[tuple[str, int], torch.UntypedStorage] = {}  # (device, data_ptr) -> buffer, within this copy
 
         def storage_copy(t: torch.Tensor, key: _PathKey) -> torch.UntypedStorage:
@@ -46,7 +60,10 @@ class Snapshotter:
                 buf = torch.UntypedStorage(src.nbytes(), device="cpu")
                 if src.device.type == "cuda":
                     buf = buf.pin_memory()  # page-locked: the device-to-host copy runs at full DMA speed
-            buf.copy_(src)
+            if defer is not None and key not in self._never_defer and defer(t):
+                self._deferred.append((buf, src, t, t._version, key))
+            else:
+                buf.copy_(src)
             used[key] = buf
             copied[ident] = buf
             return buf
@@ -90,6 +107,20 @@ class Snapshotter:
         out = visit(state, ())
         self._buffers = used  # buffers of keys that are gone are freed
         return out
+
+    def copy_deferred(self) -> None:
+        """Copy the data of the tensors the last `copy` deferred (safe to call from another thread)."""
+        for buf, src, *_ in self._deferred:
+            buf.copy_(src)
+
+    def changed_deferred(self) -> list[str]:
+        """The key paths of deferred tensors changed in place since `copy` (call after `copy_deferred`).
+
+        Forgets the deferred tensors; those that changed are copied at once by later copies."""
+        changed = [key for _, _, t, version, key in self._deferred if t._version != version]
+        self._never_defer.update(changed)
+        self._deferred = []
+        return [".".join(map(str, key)) for key in changed]
 
     @property
     def nbytes(self) -> int:

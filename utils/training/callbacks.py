@@ -100,6 +100,10 @@ class CallbackList:
         for cb in self:
             getattr(cb, hook)(*args)
 
+    def implements(self, hook: str) -> bool:
+        """Whether any callback overrides `hook` (the loop skips what it must do before a hook nobody uses)."""
+        return any(getattr(type(cb), hook) is not getattr(Callback, hook) for cb in self)
+
     def state_dict(self) -> dict[str, Any]:
         """State of every callback that is not an nn.Module (modules are saved with their own state)."""
         return {name: cb.state_dict() for name, cb in self.named if not isinstance(cb, torch.nn.Module)}

@@ -16,7 +16,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,7 @@ class Trainer:
         self._build_model(model)
         self._build_optimization()
         self.callbacks = self._build_callbacks()
+        self._batch_start_hooks = self.callbacks.implements("on_train_batch_start")
         self._base_loss_weights = self._loss_weights_for_stages()
         self._base_knobs = self._knobs_for_stages()
         self.frozen: list[torch.nn.Parameter] = []
@@ -309,6 +310,7 @@ class Trainer:
         self.stage = stage
         if self._use_data(stage_data_config(self.cfg.data, stage)):
             self.callbacks = self._build_callbacks()  # the data module may be a callback
+            self._batch_start_hooks = self.callbacks.implements("on_train_batch_start")
         self._use_batch_size(stage.batch_size or self.tcfg.global_batch_size)
         for name, value in {**self._base_loss_weights, **stage.loss_weights}.items():
             self.loss_fn.set_weight(name, value)
@@ -448,12 +450,29 @@ class Trainer:
         in_writer = self.ckpt.async_save
         state = self.checkpoint_state(check_finite=not in_writer)
         if self.dist.is_main:
-            self.ckpt.save(state, self.state.step, finite={"model": "model weights"} if in_writer else None)
+            defer = self._changed_only_by_updates(state) if in_writer and self.tcfg.checkpoint.overlap_copy else None
+            self.ckpt.save(state, self.state.step, finite={"model": "model weights"} if in_writer else None, defer=defer)
             if self.ema is not None:
-                self.ckpt.save_named("ema_model.pt", {"model": self.ema.module.state_dict(), "step": self.state.step})
+                self.ckpt.save_named("ema_model.pt", {"model": self.ema.module.state_dict(), "step": self.state.step},
+                                     defer=defer)
         self.last_good_checkpoint = (self.ckpt.step_path(self.state.step), self.state.step)
         self._saved_steps.add(self.state.step)
         barrier()
+
+    def _changed_only_by_updates(self, state: dict[str, Any]) -> Callable[[torch.Tensor], bool]:
+        """Which tensors of a checkpoint state change only in the update part of a step (after
+        `_before_updating`): the weights and the optimizer, EMA and grad-filter states. An async save copies
+        them while the next step's forward and backward run. Buffers, which a forward pass may change
+        (BatchNorm statistics, memories), and everything else are copied before the save returns."""
+        tensors = [*self.model.parameters(), *_tensors_in(state["optimizers"]), *_tensors_in(state["ema"]),
+                   *_tensors_in(state["grad_filter"])]
+        storages = {(t.device, t.untyped_storage().data_ptr()) for t in tensors}
+        return lambda t: (t.device, t.untyped_storage().data_ptr()) in storages
+
+    def _before_updating(self) -> None:
+        """The weights and optimizer states may change from here on: wait for the background copy of the last
+        checkpoint (async saves with overlap_copy) to have read them."""
+        self.ckpt.wait_for_snapshots()
 
     def resume(self) -> bool:
         """Load the newest valid checkpoint of the run directory, if any; re-enters its curriculum stage."""
@@ -548,7 +567,9 @@ class Trainer:
     def train_step(self, batch: Any) -> dict[str, torch.Tensor] | None:
         """Forward, backward (or local update), filter, clip, step; counts the step (`state.step`) whether it
         was taken or skipped as non-finite. Returns metrics, or None when skipped."""
-        self.callbacks.call("on_train_batch_start", self, batch)
+        if self._batch_start_hooks:  # a callback may change weights there (between a save and its copy)
+            self._before_updating()
+            self.callbacks.call("on_train_batch_start", self, batch)
         component_norms: dict[str, torch.Tensor] = {}
         monitor_metrics: dict[str, float] = {}
         if self._log_step:
@@ -563,6 +584,7 @@ class Trainer:
             losses = self.loss_fn(outputs, batch)
         total = losses["loss"]
         if self.learns_locally:
+            self._before_updating()
             with torch.no_grad():  # a rule that needs autograd for a layer-local objective enables it itself
                 self.model.local_update(batch, outputs)  # type: ignore[attr-defined]
             self._average_local_updates()
@@ -600,6 +622,7 @@ class Trainer:
             return None
         self.state.consecutive_nonfinite = 0
         self.carry = _detach(new_carry)
+        self._before_updating()
         if self.grad_filter_active and not isinstance(self.grad_filter, NoFilter):
             self.grad_filter.apply(self.model)
             grad_norm = _total_norm(self.params) if math.isfinite(self.grad_clip) else grad_norm
@@ -828,6 +851,7 @@ class Trainer:
         log_interval, max_steps = int(t.log_interval), int(t.max_steps)
         with GracefulShutdown() as shutdown, anomaly, self.progress, self._checkpoint_writes_joined():
             while s.stop_reason is None:
+                self._before_updating()  # epoch hooks may change weights
                 self.callbacks.call("on_train_epoch_start", self)
                 self.train_sampler.start_epoch(s.epoch, s.batches_in_epoch * self.batch_size)
                 stage_before = s.stage
@@ -1043,6 +1067,18 @@ def _instantiate_with_facts(node: DictConfig, facts: dict[str, Any]) -> Any:
     params = inspect.signature(get_method(node._target_)).parameters
     extra = {k: v for k, v in facts.items() if k in params and k not in node}
     return instantiate(node, **extra)
+
+
+def _tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
