@@ -128,7 +128,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     split = "one split (data.split_seed=0)" if args.fixed_split else "a split per seed"
-    print(f"modular division p=97, eval every {args.eval_interval} steps, seeds {seeds}, {split}, runs in {root}", flush=True)
+    print(f"x * y mod 97 (y in 1..96), eval every {args.eval_interval} steps, seeds {seeds}, {split}, runs in {root}", flush=True)
     # Interleaved, so that the two loops see the same load on the machine.
     results = run_all([(loop, v, s) for v in args.variants for s in seeds for loop in args.loops], args, root)
 

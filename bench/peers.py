@@ -17,7 +17,7 @@ Contestants, each in a fresh subprocess per round (one torch thread, OMP_NUM_THR
 
 Every contestant trains the same model class from the same initial weights (torch.manual_seed(seed); the
 report prints a checksum of each side's initial weights) on the same data: the launcher's own data module
-(experiment=grokking, modular division p=97) and its training set, read by a torch DataLoader with
+(experiment=grokking: x * y mod 97) and its training set, read by a torch DataLoader with
 shuffle=True over the same dataset object and collate_fn (hand, Lightning) or by the launcher's resumable
 sampler; same batch size, same drop_last (trainer.drop_last), torch.optim.Adam with the experiment's lr,
 betas, eps and weight decay, the same linear warm-up (the launcher's `constant` schedule: a stock LambdaLR,

@@ -6,7 +6,9 @@ One step: callbacks' `on_train_batch_start` -> forward -> loss -> backward (or t
 intervals (steps or epochs), curriculum stages, early stopping, graceful shutdown on signals.
 
 Resume is exact: a checkpoint holds every module's and optimizer's state, the train state (step, epoch,
-position in the epoch, stage), every rank's RNG state and carried state, and the callbacks' state.
+position in the epoch, stage), every rank's RNG state and carried state, and the callbacks' state. An
+async save's copy of the weights and optimizer states overlaps the next step's forward and backward; the
+step waits for it before its first change (`_before_updating`, docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -851,7 +853,8 @@ class Trainer:
         log_interval, max_steps = int(t.log_interval), int(t.max_steps)
         with GracefulShutdown() as shutdown, anomaly, self.progress, self._checkpoint_writes_joined():
             while s.stop_reason is None:
-                self._before_updating()  # epoch hooks may change weights
+                if self.callbacks.implements("on_train_epoch_start"):
+                    self._before_updating()  # a callback may change weights there (between a save and its copy)
                 self.callbacks.call("on_train_epoch_start", self)
                 self.train_sampler.start_epoch(s.epoch, s.batches_in_epoch * self.batch_size)
                 stage_before = s.stage
