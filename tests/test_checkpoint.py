@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from utils.storage.atomic import atomic_write_bytes, atomic_write_text
+from utils.training.callbacks import Callback, CallbackList
 from utils.storage.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -423,6 +424,41 @@ def test_a_run_saving_async_writes_the_checkpoints_of_a_run_saving_sync(make_cfg
             for state in (sync, async_):
                 state.pop("config", None)  # paths and async_save differ; everything else is the same run
             assert_same(sync, async_, f"{mode} {name}")
+
+
+class ShrinkWeightsAtBatchStart(Callback):
+    """Changes every weight in place before each forward, as a constraint applied there would."""
+
+    def on_train_batch_start(self, trainer: Any, batch: Any) -> None:
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.mul_(0.99)
+
+
+def test_a_callback_changing_weights_at_batch_start_gets_the_checkpoints_of_a_sync_run(make_cfg, tmp_path: Path) -> None:
+    # The hook runs before the forward, while the copy of the last save may still be running: the loop
+    # waits for the copy before a hook that some callback implements (CallbackList.implements).
+    from utils.training.runner import fit
+
+    hook = "+callbacks.shrink={_target_:tests.test_checkpoint.ShrinkWeightsAtBatchStart}"
+    common = ("trainer.max_steps=5", "trainer.checkpoint.interval=2", hook)
+    for mode in ("sync", "async"):
+        fit(make_cfg(tmp_path / mode, *common, f"trainer.checkpoint.async_save={mode == 'async'}"))
+    for name in ("step_00000002.pt", "step_00000004.pt", "latest.pt"):
+        sync, async_ = (load_checkpoint(tmp_path / m / "ck" / "test" / name, require_digest=True) for m in ("sync", "async"))
+        assert_same(sync["model"], async_["model"], name)
+        assert_same(sync["optimizers"], async_["optimizers"], name)
+
+
+class NoHooks(Callback):
+    pass
+
+
+def test_callback_list_knows_which_hooks_are_implemented() -> None:
+    callbacks = CallbackList([("shrink", ShrinkWeightsAtBatchStart()), ("plain", NoHooks())])
+    assert callbacks.implements("on_train_batch_start")
+    assert not callbacks.implements("on_train_epoch_start")
+    assert not CallbackList([("plain", NoHooks())]).implements("on_train_batch_start")
 
 
 # ------------------------------------------------------------------------------------------------ corruption
