@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,17 +189,6 @@ def assert_tensors_equal(a: Any, b: Any, where: str = "state") -> int:
     both_nan = isinstance(a, float) and math.isnan(a) and math.isnan(b)  # NaN == NaN for this purpose
     assert a == b or both_nan, f"{where}: {a!r} != {b!r}"
     return 0
-
-
-def all_tensors(obj: Any) -> Iterable[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from all_tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from all_tensors(v)
 
 
 def override(args: list[str], *new: str) -> list[str]:

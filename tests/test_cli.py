@@ -17,7 +17,6 @@ import yaml
 from tests.cli_helpers import (
     CPU,
     TINY,
-    all_tensors,
     load,
     override,
     paths,
@@ -27,6 +26,7 @@ from tests.cli_helpers import (
     step_files,
     train_steps,
 )
+from utils.storage.checkpoint import tensors_in
 
 FAST = ["debug=fast", *TINY]  # debug=fast: 6 steps, eval + checkpoint every 3
 
@@ -265,4 +265,4 @@ def test_nproc_per_node_2_runs_torchrun_with_two_gloo_ranks(tmp_path):
     for step in (3, 6):
         assert log.count(f"Saved checkpoint {run_dir / f'step_{step:08d}.pt'}") == 1, log
     assert not [p for p in run_dir.iterdir() if ".tmp." in p.name]
-    assert all(bool(torch.isfinite(t).all()) for t in all_tensors(ckpt["model"]))
+    assert all(bool(torch.isfinite(t).all()) for t in tensors_in(ckpt["model"]))

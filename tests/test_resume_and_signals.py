@@ -21,7 +21,6 @@ import torch
 from tests.cli_helpers import (
     CPU,
     TINY,
-    all_tensors,
     assert_tensors_equal,
     finish,
     load,
@@ -34,7 +33,7 @@ from tests.cli_helpers import (
     train_steps,
     wait_for,
 )
-from utils.storage.checkpoint import CheckpointManager, load_checkpoint
+from utils.storage.checkpoint import CheckpointManager, load_checkpoint, tensors_in
 from utils.signals import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_NONFINITE, GracefulShutdown
 
 # ------------------------------------------------------------------------------- exact resume after SIGKILL
@@ -371,7 +370,7 @@ def test_diverging_run_stops_with_exit_3_and_keeps_only_finite_checkpoints(tmp_p
     saved = sorted(run_dir.glob("*.pt"))
     assert any(p.name.startswith("step_") for p in saved), saved
     for path in saved:
-        tensors = [t for t in all_tensors(load(path)) if t.is_floating_point()]
+        tensors = [t for t in tensors_in(load(path)) if t.is_floating_point()]
         assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors), f"{path.name} has NaN/Inf"
     assert load(run_dir / "latest.pt")["train_state"]["step"] < 50
 

@@ -39,7 +39,7 @@ import pickle
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,27 +122,22 @@ class DiskFullError(CheckpointError):
     """Not enough free space for a checkpoint; nothing was written, the previous checkpoint is intact."""
 
 
+def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a state of nested mappings, lists, tuples and sets."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            yield from tensors_in(v)
+
+
 def _bytes_needed(obj: Any) -> int:
     """About what torch.save of `obj` writes: its tensors' storages (each once) plus a margin for the rest."""
-    seen: set[int] = set()
-    total = 1 << 20
-
-    def visit(x: Any) -> None:
-        nonlocal total
-        if isinstance(x, torch.Tensor):
-            storage = x.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        elif isinstance(x, dict):
-            for v in x.values():
-                visit(v)
-        elif isinstance(x, (list, tuple, set)):
-            for v in x:
-                visit(v)
-
-    visit(obj)
-    return total
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_in(obj)}
+    return (1 << 20) + sum(storages.values())
 
 
 def _disk_full(path: Path, needed: int) -> DiskFullError:
@@ -296,7 +291,7 @@ class _DeferredCopy:
     """A save whose deferred tensors a background thread is copying; its write waits for `intact`."""
 
     kind: str
-    args: tuple[Any, ...]
+    what: str  # for messages: "step 1200" or the file name
     snapshotter: Snapshotter
     copied: Future
     intact: Future = field(default_factory=Future)  # True: write it; False: a deferred tensor changed meanwhile
@@ -405,7 +400,8 @@ class CheckpointManager:
             # late, and the caller's wait_for_snapshots() would wait for that write too.
             if self._copier is None:
                 self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-copy")
-            pending = _DeferredCopy(kind, args, snapshotter, self._copier.submit(snapshotter.copy_deferred))
+            what = f"step {args[0]}" if kind == "step" else kind
+            pending = _DeferredCopy(kind, what, snapshotter, self._copier.submit(snapshotter.copy_deferred))
             self._pending.append(pending)
 
         def timed() -> None:
@@ -434,12 +430,11 @@ class CheckpointManager:
                 continue
             changed = pending.snapshotter.changed_deferred()
             if changed:
-                what = f"step {pending.args[0]}" if pending.kind == "step" else pending.kind
                 log.warning(
                     "Checkpoint of %s not written: %s changed in place while it was being copied (after the save, "
                     "before the next optimizer step; a forward pass or hook that changes weights in place). "
                     "From now on they are copied before the save returns; trainer.checkpoint.overlap_copy=false "
-                    "copies everything that way.", what, ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
+                    "copies everything that way.", pending.what, ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
             pending.intact.set_result(not changed)
         self._pending = [p for p in self._pending if p not in waiting]
         self.last_snapshot_wait_s = time.perf_counter() - start

@@ -89,6 +89,8 @@ class CallbackList:
         names = [name for name, _ in self.named]
         if len(set(names)) != len(names):
             raise ValueError(f"callback names must be unique, got {names}")
+        hooks = [name for name in vars(Callback) if name.startswith("on_")]
+        self._implemented = {h for h in hooks if any(getattr(type(cb), h) is not getattr(Callback, h) for cb in self)}
 
     def __iter__(self) -> Iterator[Callback]:
         return (cb for _, cb in self.named)
@@ -102,7 +104,7 @@ class CallbackList:
 
     def implements(self, hook: str) -> bool:
         """Whether any callback overrides `hook` (the loop skips what it must do before a hook nobody uses)."""
-        return any(getattr(type(cb), hook) is not getattr(Callback, hook) for cb in self)
+        return hook in self._implemented
 
     def state_dict(self) -> dict[str, Any]:
         """State of every callback that is not an nn.Module (modules are saved with their own state)."""

@@ -43,7 +43,7 @@ from utils.optim.grad_filters import GradFilter, NoFilter
 from utils.optim.schedules import scale_learning_rate, steps_per_call
 from utils.rng import capture_rng_state, restore_rng_state, seed_everything
 from utils.signals import GracefulShutdown
-from utils.storage.checkpoint import CheckpointError, CheckpointManager, assert_finite_state
+from utils.storage.checkpoint import CheckpointError, CheckpointManager, assert_finite_state, tensors_in
 from utils.training import config_changes, fsdp
 from utils.training.callbacks import Callback, CallbackList
 from utils.training.curriculum import Curriculum, Stage, stage_data_config
@@ -105,7 +105,6 @@ class Trainer:
         self._build_model(model)
         self._build_optimization()
         self.callbacks = self._build_callbacks()
-        self._batch_start_hooks = self.callbacks.implements("on_train_batch_start")
         self._base_loss_weights = self._loss_weights_for_stages()
         self._base_knobs = self._knobs_for_stages()
         self.frozen: list[torch.nn.Parameter] = []
@@ -312,7 +311,6 @@ class Trainer:
         self.stage = stage
         if self._use_data(stage_data_config(self.cfg.data, stage)):
             self.callbacks = self._build_callbacks()  # the data module may be a callback
-            self._batch_start_hooks = self.callbacks.implements("on_train_batch_start")
         self._use_batch_size(stage.batch_size or self.tcfg.global_batch_size)
         for name, value in {**self._base_loss_weights, **stage.loss_weights}.items():
             self.loss_fn.set_weight(name, value)
@@ -466,8 +464,8 @@ class Trainer:
         `_before_updating`): the weights and the optimizer, EMA and grad-filter states. An async save copies
         them while the next step's forward and backward run. Buffers, which a forward pass may change
         (BatchNorm statistics, memories), and everything else are copied before the save returns."""
-        tensors = [*self.model.parameters(), *_tensors_in(state["optimizers"]), *_tensors_in(state["ema"]),
-                   *_tensors_in(state["grad_filter"])]
+        tensors = [*self.model.parameters(), *tensors_in(state["optimizers"]), *tensors_in(state["ema"]),
+                   *tensors_in(state["grad_filter"])]
         storages = {(t.device, t.untyped_storage().data_ptr()) for t in tensors}
         return lambda t: (t.device, t.untyped_storage().data_ptr()) in storages
 
@@ -569,7 +567,7 @@ class Trainer:
     def train_step(self, batch: Any) -> dict[str, torch.Tensor] | None:
         """Forward, backward (or local update), filter, clip, step; counts the step (`state.step`) whether it
         was taken or skipped as non-finite. Returns metrics, or None when skipped."""
-        if self._batch_start_hooks:  # a callback may change weights there (between a save and its copy)
+        if self.callbacks.implements("on_train_batch_start"):  # a callback may change weights there
             self._before_updating()
             self.callbacks.call("on_train_batch_start", self, batch)
         component_norms: dict[str, torch.Tensor] = {}
@@ -1070,18 +1068,6 @@ def _instantiate_with_facts(node: DictConfig, facts: dict[str, Any]) -> Any:
     params = inspect.signature(get_method(node._target_)).parameters
     extra = {k: v for k, v in facts.items() if k in params and k not in node}
     return instantiate(node, **extra)
-
-
-def _tensors_in(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in nested dicts, lists and tuples."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors_in(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors_in(v)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
