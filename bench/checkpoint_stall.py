@@ -24,14 +24,17 @@ host buffers; it is reported on its own):
              snapshot (a forked child writes) would start with
 
 With --loop, the stall a save adds to a training loop, which is what a run feels: the same model trains
-(forward, backward, Adam step on a batch of --batch rows) and saves every --every steps, in three modes
+(forward, backward, Adam step on a batch of --batch rows) and saves every --every steps, in four modes
 that take turns save by save:
 
   sync       the save writes in the loop (async_save=false)
   async      the save copies every tensor to host memory, then returns (overlap_copy=false)
   overlap    the save copies the buffers and returns; the weights and Adam states are copied by a
              background thread while the next step's forward and backward run, and that step waits for
-             the copy before its Adam step (the trainer's default: async_save and overlap_copy)
+             the copy before its Adam step (async_save and overlap_copy), the writer thread at the
+             process's priority (trainer.checkpoint.writer_nice=0)
+  overlap_nice  overlap with the writer thread at nice +10 (the trainer's default, writer_nice=10): it
+             takes the CPU time the training and copy threads leave idle
 
   stall      per save: (the save call) + (the step after it) - (the median step that follows no save)
 
@@ -146,7 +149,8 @@ def measure(size: str, rounds: int, root: Path) -> dict[str, Any]:
     return summary
 
 
-LOOP_MODES = ("sync", "async", "overlap")
+LOOP_MODES = ("sync", "async", "overlap", "overlap_nice")
+WRITER_NICE = 10  # trainer.checkpoint.writer_nice's default
 
 
 def loop_stall(size: str, saves: int, every: int, batch: int, root: Path) -> dict[str, Any]:
@@ -161,7 +165,8 @@ def loop_stall(size: str, saves: int, every: int, batch: int, root: Path) -> dic
     def defer(t: torch.Tensor) -> bool:  # what the trainer defers: weights and optimizer states
         return t.untyped_storage().data_ptr() in weights_and_moments
 
-    managers = {mode: CheckpointManager(root / size / f"loop_{mode}", keep_last=2, async_save=mode != "sync")
+    managers = {mode: CheckpointManager(root / size / f"loop_{mode}", keep_last=2, async_save=mode != "sync",
+                                        writer_nice=WRITER_NICE if mode == "overlap_nice" else 0)
                 for mode in LOOP_MODES}
     step_s: dict[str, list[float]] = {m: [] for m in LOOP_MODES}  # steps that follow no save
     stall_s: dict[str, list[float]] = {m: [] for m in LOOP_MODES}
@@ -191,7 +196,7 @@ def loop_stall(size: str, saves: int, every: int, batch: int, root: Path) -> dic
                 assert_finite_state(state["model"], "model weights")
                 manager.save(state, step)
             else:
-                manager.save(state, step, finite={"model": "model weights"}, defer=defer if mode == "overlap" else None)
+                manager.save(state, step, finite={"model": "model weights"}, defer=defer if mode.startswith("overlap") else None)
             call = time.perf_counter() - start
             manager.last_snapshot_wait_s = 0.0
             after = train_step(manager)
@@ -262,15 +267,18 @@ def main(argv: list[str] | None = None) -> int:
               f"medians of {args.saves} saves per mode")
         print("stall = the save call + what the next step takes over a step after no save (medians)")
         print("| size | batch | step | sync stall | async stall (call) | overlap stall (call; the next step's wait "
-              "for the copy) | overlap / async |")
-        print("|---|---|---|---|---|---|---|")
+              f"for the copy) | overlap, writer at nice +{WRITER_NICE} (call; wait) | overlap / async | nice / overlap |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for size in sizes:
             s = report[size]
             ms = {m: {k: v * 1e3 for k, v in s[m].items() if k.endswith("_s") and not isinstance(v, list)} for m in LOOP_MODES}
             print(f"| {size} | {s['batch']} | {ms['sync']['step_s']:.0f} ms | {ms['sync']['stall_s']:.0f} ms "
                   f"| {ms['async']['stall_s']:.0f} ms ({ms['async']['call_s']:.0f} ms) "
                   f"| {ms['overlap']['stall_s']:.0f} ms ({ms['overlap']['call_s']:.0f} ms; "
-                  f"{ms['overlap']['copy_wait_s']:.0f} ms) | {s['overlap']['stall_s'] / s['async']['stall_s']:.2f} |")
+                  f"{ms['overlap']['copy_wait_s']:.0f} ms) "
+                  f"| {ms['overlap_nice']['stall_s']:.0f} ms ({ms['overlap_nice']['call_s']:.0f} ms; "
+                  f"{ms['overlap_nice']['copy_wait_s']:.0f} ms) | {s['overlap']['stall_s'] / s['async']['stall_s']:.2f} "
+                  f"| {s['overlap_nice']['stall_s'] / s['overlap']['stall_s']:.2f} |")
             for mode in LOOP_MODES:
                 print(f"  {size} {mode}: stall per save " + ", ".join(f"{v * 1e3:.0f}" for v in s[mode]["stalls_s"])
                       + " ms")

@@ -247,6 +247,25 @@ def training_state() -> tuple[dict, torch.nn.Module, torch.optim.Optimizer]:
     return state, model, opt
 
 
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread nice values need os.setpriority (POSIX)")
+def test_the_writer_thread_runs_at_a_lower_priority_and_the_caller_keeps_its_own(tmp_path: Path) -> None:
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: list[int] = []
+
+    def record(temp_file: Path) -> None:  # runs in the writer thread
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    for nice, expected in ((0, caller), (7, min(caller + 7, 19))):
+        manager = CheckpointManager(tmp_path / f"nice{nice}", async_save=True, writer_nice=nice)
+        manager.before_replace = record
+        manager.save(small_state(1), 1)
+        manager.close()
+        assert seen[-1] == expected
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller
+    with pytest.raises(ValueError, match="writer_nice"):
+        CheckpointManager(tmp_path, writer_nice=20)
+
+
 def test_an_async_save_writes_the_bytes_of_a_sync_save_at_the_moment_of_the_call(tmp_path: Path) -> None:
     state, model, opt = training_state()
     CheckpointManager(tmp_path / "sync").save(state, 7)

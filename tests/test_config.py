@@ -212,6 +212,8 @@ def test_unimportable_target_is_a_config_error() -> None:
         ("trainer.max_steps=0", "trainer.max_steps"),
         ("trainer.global_batch_size=-1", "trainer.global_batch_size"),
         ("trainer.checkpoint.interval=0", "trainer.checkpoint.interval"),
+        ("trainer.checkpoint.writer_nice=20", "trainer.checkpoint.writer_nice"),
+        ("trainer.checkpoint.writer_nice=-1", "trainer.checkpoint.writer_nice"),
     ],
 )
 def test_bad_trainer_values_are_rejected(override: str, key: str) -> None:

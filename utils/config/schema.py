@@ -48,6 +48,9 @@ class CheckpointConf:
     # (the step waits for the copy before its update). false: everything is copied before the save returns,
     # for a model whose forward pass changes its parameters in place through `.data` (not detectable).
     overlap_copy: bool = True
+    # With async_save: the writer thread's nice value above the process's (0-19; Linux, per thread). It then
+    # takes the cores only when the training and copy threads leave them idle; 0 competes on equal terms.
+    writer_nice: int = 10
 
 
 @dataclass

@@ -250,6 +250,9 @@ def _check_trainer(cfg: DictConfig, model_given: bool) -> None:
         raise ConfigError(f"trainer.grad_clip must be positive (or null to disable), got {t.grad_clip}.")
     if t.checkpoint.keep_last <= 0:
         raise ConfigError(f"trainer.checkpoint.keep_last must be positive, got {t.checkpoint.keep_last}.")
+    if not 0 <= t.checkpoint.writer_nice <= 19:
+        raise ConfigError(f"trainer.checkpoint.writer_nice must be in 0..19 (a thread's nice value above the process's), "
+                          f"got {t.checkpoint.writer_nice}.")
     parse_interval(t.eval_interval, "trainer.eval_interval")
     parse_interval(t.checkpoint.interval, "trainer.checkpoint.interval")
     if t.plot_interval is not None:

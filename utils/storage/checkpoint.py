@@ -38,6 +38,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -297,6 +298,19 @@ class _DeferredCopy:
     intact: Future = field(default_factory=Future)  # True: write it; False: a deferred tensor changed meanwhile
 
 
+def _lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by ``nice``: on Linux a nice value belongs to a thread (setpriority on
+    a thread id), so the writer yields the cores to the training thread and the copy thread, which stay at the
+    process's priority. Elsewhere, or where it is refused, the writer keeps the process's priority."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except OSError as err:
+        log.debug("checkpoint writer keeps the process's priority: %s", err)
+
+
 class CheckpointManager:
     """Periodic `step_XXXXXXXX.pt` snapshots + `latest.pt` + named files in one directory (single writer).
 
@@ -309,12 +323,16 @@ class CheckpointManager:
     every write is on disk; a process must call it (or `close`) before it reports a checkpoint as saved.
     """
 
-    def __init__(self, directory: Path | str, keep_last: int = 3, *, async_save: bool = False) -> None:
+    def __init__(self, directory: Path | str, keep_last: int = 3, *, async_save: bool = False,
+                 writer_nice: int = 0) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        if not 0 <= writer_nice <= 19:
+            raise ValueError(f"writer_nice must be in 0..19, got {writer_nice}")
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.async_save = async_save
+        self.writer_nice = writer_nice
         # Testing only: called in the writer with a complete temp file before it is renamed (a test holds it).
         self.before_replace: Callable[[Path], None] | None = None
         self.last_write_s: dict[str, float] = {}  # per file kind ("step" or a name): seconds of the last write
@@ -393,7 +411,8 @@ class CheckpointManager:
         snapshotter = self._snapshotters.setdefault(kind, Snapshotter())
         snapshot = snapshotter.copy(state, defer=defer)
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
+                                                initializer=_lower_thread_priority, initargs=(self.writer_nice,))
         pending: _DeferredCopy | None = None
         if defer is not None:
             # Its own thread: behind the writer's queue (another file still being written) the copy would start

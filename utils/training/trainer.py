@@ -111,7 +111,8 @@ class Trainer:
         self.grad_filter_active = True
         seed_everything(cfg.seed + self.dist.rank)  # per-rank randomness (dropout) after identical init
 
-        self.ckpt = CheckpointManager(run_dir, keep_last=t.checkpoint.keep_last, async_save=t.checkpoint.async_save)
+        self.ckpt = CheckpointManager(run_dir, keep_last=t.checkpoint.keep_last, async_save=t.checkpoint.async_save,
+                                      writer_nice=t.checkpoint.writer_nice)
         self.last_good_checkpoint: tuple[Path, int] | None = None  # written (or resumed from) by this run
         self._saved_steps: set[int] = set()  # checkpoints this run wrote itself
         self.resumed_run_ids: dict[str, str | None] = {}
