@@ -57,6 +57,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402 - after OMP_NUM_THREADS
 
+from utils.config.schema import CheckpointConf  # noqa: E402
 from utils.storage.checkpoint import CheckpointManager, assert_finite_state  # noqa: E402
 
 SIZES = {"25M": (1024, 24), "163M": (2048, 39)}  # (width, layers): 25.2M and 163.7M parameters
@@ -150,7 +151,7 @@ def measure(size: str, rounds: int, root: Path) -> dict[str, Any]:
 
 
 LOOP_MODES = ("sync", "async", "overlap", "overlap_nice")
-WRITER_NICE = 10  # trainer.checkpoint.writer_nice's default
+WRITER_NICE = CheckpointConf.writer_nice  # the trainer's default
 
 
 def loop_stall(size: str, saves: int, every: int, batch: int, root: Path) -> dict[str, Any]:

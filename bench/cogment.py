@@ -407,6 +407,7 @@ def report(results: dict[str, Any]) -> None:
                     f"step {s}: exact {e:.3f} digit {t:.3f} ponder {p:.2f}"
                     for s, e, t, p in zip(r["steps"], acc["exact"], acc["token"], r["ponder"])) + f"  ({r['seconds']:.0f} s)")
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["sanity", "grokfast", "grokfast_sanity", "refinement",

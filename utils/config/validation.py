@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from utils.config.errors import ConfigError, from_omegaconf, nearest_keys
 from utils.config.schema import CurriculumConf, LauncherConfig
+from utils.storage.checkpoint import MAX_WRITER_NICE
 from utils.training.intervals import parse_interval
 
 # Keys Hydra interprets itself inside a `_target_` node.
@@ -250,9 +251,9 @@ def _check_trainer(cfg: DictConfig, model_given: bool) -> None:
         raise ConfigError(f"trainer.grad_clip must be positive (or null to disable), got {t.grad_clip}.")
     if t.checkpoint.keep_last <= 0:
         raise ConfigError(f"trainer.checkpoint.keep_last must be positive, got {t.checkpoint.keep_last}.")
-    if not 0 <= t.checkpoint.writer_nice <= 19:
-        raise ConfigError(f"trainer.checkpoint.writer_nice must be in 0..19 (a thread's nice value above the process's), "
-                          f"got {t.checkpoint.writer_nice}.")
+    if not 0 <= t.checkpoint.writer_nice <= MAX_WRITER_NICE:
+        raise ConfigError(f"trainer.checkpoint.writer_nice must be in 0..{MAX_WRITER_NICE} (a thread's nice value above "
+                          f"the process's), got {t.checkpoint.writer_nice}.")
     parse_interval(t.eval_interval, "trainer.eval_interval")
     parse_interval(t.checkpoint.interval, "trainer.checkpoint.interval")
     if t.plot_interval is not None:

@@ -298,6 +298,9 @@ class _DeferredCopy:
     intact: Future = field(default_factory=Future)  # True: write it; False: a deferred tensor changed meanwhile
 
 
+MAX_WRITER_NICE = 19  # nice values run to 19; the writer's is added to the process's, so 0..19
+
+
 def _lower_thread_priority(nice: int) -> None:
     """Raise the calling thread's nice value by ``nice``: on Linux a nice value belongs to a thread (setpriority on
     a thread id), so the writer yields the cores to the training thread and the copy thread, which stay at the
@@ -327,8 +330,8 @@ class CheckpointManager:
                  writer_nice: int = 0) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        if not 0 <= writer_nice <= 19:
-            raise ValueError(f"writer_nice must be in 0..19, got {writer_nice}")
+        if not 0 <= writer_nice <= MAX_WRITER_NICE:
+            raise ValueError(f"writer_nice must be in 0..{MAX_WRITER_NICE}, got {writer_nice}")
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.async_save = async_save
