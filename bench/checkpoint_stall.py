@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         parser.error(f"--sizes: unknown {unknown}; choose from {', '.join(SIZES)}")
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="ckpt_stall_", dir=args.dir))
     report: dict[str, Any] = {"load_average_at_start": os.getloadavg(), "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "dir": str(root)}
