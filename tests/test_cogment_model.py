@@ -67,6 +67,18 @@ def test_the_model_mixes_its_steps_by_act_and_runs_as_many_steps_as_the_knob_say
         assert ((out["ponder_steps"] >= min(2, steps)) & (out["ponder_steps"] <= steps)).all()
 
 
+def test_a_saturated_halting_head_still_runs_two_steps() -> None:
+    # sigmoid(40) is exactly 1.0 in float32: without care h_1 = (1 - epsilon) * 1 closes the sum at step 1.
+    torch.manual_seed(0)
+    model = Cogment(**TINY)
+    model.refinement_steps = 4
+    with torch.no_grad():
+        model.halting.bias.fill_(40.0)
+    out = model(batch_of("listops"))
+    assert out["ponder_steps"].tolist() == [2.0] * 4
+    assert (out["halt_probs"] < 1.0 - model.act_epsilon).all()
+
+
 def test_rotation_maps_invert_so_the_rotated_prediction_lands_on_the_original_cells() -> None:
     batch = batch_of("arc", seq_len=160, side=5, demos=2)
     source = batch["rotation"]

@@ -161,8 +161,10 @@ class Cogment(nn.Module, Callback):
         # when the budget allows. With h_1 >= 1 - epsilon a row would halt at step 1 with R = 1, and neither the
         # ponder cost nor the answer would depend on h any more: a halting head that learnt to stop at once in
         # the 2-step sanity stage would get no gradient to ever ponder again in the longer stages.
+        # The clamp: in float32 a saturated sigmoid (logit > ~17) rounds to exactly 1, and (1 - epsilon) * 1 would
+        # close the sum at step 1 after all (seen as mean ponder steps below 2 in a 2-step stage).
         epsilon = float(self.act_epsilon)
-        halt_probs = (1.0 - epsilon) * torch.sigmoid(torch.stack(halt_logits, dim=1))
+        halt_probs = (1.0 - epsilon) * torch.sigmoid(torch.stack(halt_logits, dim=1).float()).clamp(max=1.0 - 1e-6)
         act = graves_halting(halt_probs, epsilon)
         weights = act.weights.t().to(step_logits[0].dtype)  # [T, B]
         logits = sum(w[:, None, None] * step for w, step in zip(weights, step_logits))
