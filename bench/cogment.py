@@ -47,7 +47,7 @@ from freshly initialised weights; what a part changes is listed with it.
               the passkey at 256 for 2,000 and at 64 for 3,000 (the schedule stretched over the longer
               budget). Exact and per-digit accuracy and ponder steps every 100 steps. If a task learns
               alone at 64 tokens but not at 256, the length is what stops it, not the mixture.
-  grokfast_memorise  (not in the default set: about 20 min on one core) Grokfast where the paper says it
+  grokfast_memorise  (not in the default set: about 16 min on one core) Grokfast where the paper says it
               helps, a model that memorises long before it generalises: stage 0 on the linear maps alone
               with only 64 training rows, weight decay 1.0 on every optimizer, the base learning rates,
               8,000 steps (the cosine schedule over them), criterion and plateau off, an evaluation every
