@@ -334,15 +334,17 @@ def test_sigint_to_train_py_reaches_the_trainer(tmp_path, datasets):
 
 
 def test_second_sigint_aborts_at_once_with_130(tmp_path, datasets):
-    # The default (larger) model: a step takes long enough that the second SIGINT lands while the first
-    # one's step is still being finished. The second is sent once the first has been handled (logged):
-    # two signals sent back to back could be coalesced into one by the interpreter.
-    root = tmp_path / "ck"
+    # The loop is held right after step 2 (tests/ckpt_gate.py), so both signals land while that step is still
+    # being finished, however fast steps are: timing the second signal against a real step lost the race on an
+    # idle machine (the run had finished its graceful stop before the second SIGINT was sent). The second is
+    # sent once the first has been handled (logged): two signals sent back to back could be coalesced.
+    root, gate = tmp_path / "ck", tmp_path / "gate"
     run_dir = root / "default"
-    slow = ["model.width=256", CPU, "trainer.max_steps=1000000", "trainer.log_interval=1",
-            "trainer.early_stopping.enabled=false"]
-    proc = start("pretrain.py", *slow, *paths(root, datasets))
-    wait_for(lambda: has_train_record(run_dir), timeout=180, what="a train record", proc=proc)
+    held = [CPU, "trainer.max_steps=1000000", "trainer.log_interval=1", "trainer.early_stopping.enabled=false",
+            "+callbacks.gate._target_=tests.ckpt_gate.HoldAfterStep", "+callbacks.gate.step=2",
+            f"+callbacks.gate.directory={gate}"]
+    proc = start("pretrain.py", *held, *paths(root, datasets))
+    wait_for(lambda: (gate / "held").exists(), timeout=180, what="the loop to be held after step 2", proc=proc)
     proc.send_signal(signal.SIGINT)
     wait_for(lambda: "SIGINT received" in (run_dir / "train.log").read_text(), timeout=60,
              what="the first SIGINT to be handled", proc=proc, poll_s=0.0005)
