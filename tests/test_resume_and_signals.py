@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import time
@@ -419,3 +420,32 @@ def test_a_signal_during_a_log_write_still_logs_that_it_was_received():
     assert [line.strip() for line in stream.lines] == [
         "a step's log line", f"SIGTERM received: {shutdown.action}."
     ]
+
+
+class _SignalOnFirstNotice(logging.Handler):
+    """Sends this process one more SIGINT when the "received" line is written: it reaches the main thread
+    while the first handler is still waiting for that line's thread (utils.signals._log_outside_handler)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.sent and "SIGINT received" in record.getMessage():
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_second_sigint_while_the_first_is_being_logged_aborts():
+    handler = _SignalOnFirstNotice()
+    logger = logging.getLogger("utils.signals")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), GracefulShutdown() as shutdown:
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the handlers run here, between bytecodes
+                time.sleep(0.01)
+    finally:
+        logger.removeHandler(handler)
+    assert handler.sent and shutdown.requested and shutdown.signal_name == "SIGINT"

@@ -69,11 +69,14 @@ class GracefulShutdown:
         if self.requested and signum == signal.SIGINT:
             _log_outside_handler("Second SIGINT: aborting now without a final checkpoint.")
             raise KeyboardInterrupt
-        if not self.requested:
-            _log_outside_handler(f"{name} received: {self.action}.")
+        first = not self.requested
+        # Recorded before logging: the log waits up to 50 ms for its thread, and a second SIGINT in that wait
+        # runs this handler again, nested; it must see the first one as received (and abort), not log it again.
         self.requested = True
         self.signal_name = self.signal_name or name
         self.signum = self.signum or signum
+        if first:
+            _log_outside_handler(f"{name} received: {self.action}.")
 
     def __enter__(self) -> "GracefulShutdown":
         if threading.current_thread() is threading.main_thread():  # signals can only be set from the main thread
