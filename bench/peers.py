@@ -13,14 +13,17 @@ Contestants, each in a fresh subprocess per round (one torch thread, OMP_NUM_THR
                   installed) on, model summary, and a ModelCheckpoint every K steps (the launcher's interval)
   lightning_bare  the same with enable_progress_bar, logger, enable_checkpointing and model summary off
   launcher        utils.training.api.train at its defaults: the progress bar, train.log, metrics.jsonl,
-                  a checkpoint every K steps (trainer.checkpoint.interval=K, keep_last 3)
+                  a checkpoint every K steps (trainer.checkpoint.interval=K, keep_last 3), and Adam's fused
+                  kernel (conf/optim/adam.yaml: fused: true)
+  launcher_unfused  the same with optim.fused=false: torch's default Adam implementation, the one the hand
+                  loop and Lightning run, so launcher_unfused / lightning compares the loops alone
 
 Every contestant trains the same model class from the same initial weights (torch.manual_seed(seed); the
 report prints a checksum of each side's initial weights) on the same data: the launcher's own data module
 (experiment=grokking: x * y mod 97) and its training set, read by a torch DataLoader with
 shuffle=True over the same dataset object and collate_fn (hand, Lightning) or by the launcher's resumable
 sampler; same batch size, same drop_last (trainer.drop_last), torch.optim.Adam with the experiment's lr,
-betas, eps and weight decay, the same linear warm-up (the launcher's `constant` schedule: a stock LambdaLR,
+betas, eps and weight decay (the launcher's fused kernel computes the same update to rounding), the same linear warm-up (the launcher's `constant` schedule: a stock LambdaLR,
 stepped per optimizer step), no gradient clipping (the experiment's grad_clip is null), no Grokfast filter
 (grad_filter=none: Lightning has none). Nothing validates inside the timed steps on any side (Lightning gets
 no val_dataloader; the launcher's eval_interval is moved past the run, so it evaluates once at the end, as
@@ -76,7 +79,7 @@ from utils.training.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
 NEVER = 10**9  # an interval no run reaches
-CONTESTANTS = ("hand", "lightning", "lightning_bare", "launcher")
+CONTESTANTS = ("hand", "lightning", "lightning_bare", "launcher", "launcher_unfused")
 INSTALL_HINT = ("bench.peers: Lightning is not installed (a benchmark-only dependency); install it with "
                 "`make bench-peers` or `python -m pip install -r requirements-bench.txt`, then run again.")
 # Per workload: the goal for launcher / Lightning-at-defaults, default timed steps, warm-up and checkpoint interval.
@@ -129,6 +132,8 @@ def overrides_for(spec: dict[str, Any]) -> list[str]:
     ]
     if spec["batch_size"] is not None:
         out.append(f"trainer.global_batch_size={spec['batch_size']}")
+    if spec["contestant"] == "launcher_unfused":
+        out.append("optim.fused=false")
     return out
 
 
@@ -356,15 +361,16 @@ def report(workload: str, results: dict[str, list[dict[str, Any]]], args: argpar
         extra = ""
         if runs[0].get("logger") is not None or c == "lightning":
             extra = f"   logger {runs[0].get('logger')}, {len(runs[0].get('checkpoints', []))} checkpoint file(s) kept"
-        elif c == "launcher":
+        elif c.startswith("launcher"):
             extra = f"   metrics.jsonl {'yes' if runs[0]['metrics_jsonl'] else 'NO'}, {len(runs[0]['checkpoints'])} checkpoint file(s) kept"
-        print(f"  {c:<15} {statistics.median(rates):8.1f} ({min(rates):.1f}-{max(rates):.1f})   cpu {cpu:6.3f} ms"
+        print(f"  {c:<17} {statistics.median(rates):8.1f} ({min(rates):.1f}-{max(rates):.1f})   cpu {cpu:6.3f} ms"
               f"   init checksum {runs[0]['init_checksum']:.6g}{extra}")
     sums = {round(x["init_checksum"], 4) for runs in results.values() for x in runs}
     print(f"  same initial weights everywhere: {'yes' if len(sums) == 1 else 'NO'}")
     lines = []
-    for a, b in (("launcher", "lightning"), ("launcher", "lightning_bare"), ("lightning", "hand"),
-                 ("lightning_bare", "hand"), ("launcher", "hand")):
+    for a, b in (("launcher", "lightning"), ("launcher", "lightning_bare"), ("launcher_unfused", "lightning"),
+                 ("lightning", "hand"), ("lightning_bare", "hand"), ("launcher", "hand"), ("launcher_unfused", "hand"),
+                 ("launcher", "launcher_unfused")):
         ratio = _paired(results, a, b)
         if ratio is not None:
             lines.append(f"  {a} / {b}: {ratio:.3f}   (by process CPU time: {_paired(results, a, b, 'cpu_per_step_s'):.3f})")

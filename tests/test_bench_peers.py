@@ -1,5 +1,6 @@
-"""bench/peers.py without Lightning (a benchmark-only dependency, absent on CI): --help works, and a run
-says in one line how to install it. The runs themselves need Lightning and are not tested here."""
+"""bench/peers.py without Lightning (a benchmark-only dependency, absent on CI): --help works, a run that
+needs it says in one line how to install it, and the contestants that do not need it run. The Lightning
+runs themselves are not tested here."""
 
 from __future__ import annotations
 
@@ -36,3 +37,16 @@ def test_missing_lightning_is_one_line_with_the_fix() -> None:
     assert "pip install -r requirements-bench.txt" in lines[0]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
+
+
+def test_the_launcher_with_and_without_the_fused_optimizer_runs_without_lightning() -> None:
+    """The contestants that need no Lightning run for real (a few tiny steps) and are reported side by side:
+    the launcher at its defaults (fused Adam) and with optim.fused=false (torch's default, as the hand loop)."""
+    proc = run_without_lightning("--workloads", "tiny", "--contestants", "hand", "launcher", "launcher_unfused",
+                                 "--rounds", "1", "--tiny-steps", "20", "--warmup", "5", "--checkpoint-every", "10")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "same initial weights everywhere: yes" in out
+    for ratio in ("launcher / hand:", "launcher_unfused / hand:", "launcher / launcher_unfused:"):
+        assert ratio in out, out
+    assert "lightning" not in out.split("ratios of steps/s")[1], out  # no Lightning pair without Lightning runs

@@ -228,9 +228,11 @@ def build_optimizers(model: torch.nn.Module, optim_cfg: Any) -> list[NamedOptimi
         where = "optim" if spec.name == "main" else f"optim.components.{spec.name}"
         try:
             optimizer = get_class(spec.target)(groups, **spec.kwargs)
-        except (ValueError, IndexError) as err:  # what torch's optimizers raise for bad settings (lr < 0, betas=[0.9])
+        # What torch's optimizers raise for bad settings: ValueError (lr < 0), IndexError (betas=[0.9]),
+        # RuntimeError (fused=true with foreach=true or differentiable=true)
+        except (ValueError, IndexError, RuntimeError) as err:
             settings = ", ".join(f"{k}={v!r}" for k, v in spec.kwargs.items())
-            raise ConfigError(f"{where}: {spec.target} refused its settings ({settings}): {err or type(err).__name__}. "
+            raise ConfigError(f"{where}: {spec.target} refused its settings ({settings}): {str(err).rstrip('.') or type(err).__name__}. "
                               f"Fix {where}.*") from None
         result.append(NamedOptimizer(spec.name, optimizer, spec.schedule_cfg, list(spec.param_names)))
     return result
